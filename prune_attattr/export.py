@@ -70,7 +70,10 @@ def load_pruned(directory: str | Path) -> nn.Module:
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
     prune_heads(model, {int(k): v for k, v in pruned.items()})
     state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise RuntimeError(f"{weights}: weights do not match the pruned architecture in config.json ({str(exc).splitlines()[-1].strip()})") from None
     # buffers that save_pretrained also omits (position ids) may be missing; parameters may not
     params = {n for n, _ in model.named_parameters()}
     bad_missing = [k for k in missing if k in params]

@@ -30,7 +30,7 @@ from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruning_curve
 from .tasks import GLUE_TASKS, DataError, Encoded, Examples, encode, glue_path, make_dataloader, read_examples
 
-__all__ = ["RunError", "OutputExists", "load_task_data", "run", "RunContext"]
+__all__ = ["RunError", "OutputExists", "load_task_data", "prepare", "Prepared", "run", "RunContext"]
 
 
 class RunError(RuntimeError):
@@ -75,9 +75,10 @@ class RunContext:
     metrics: list[str]
     labels: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    quiet: bool = False
 
     def print(self, *args, **kwargs):
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and not self.quiet:
             console().print(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -118,6 +119,72 @@ def _split_train(recipe: Recipe, train: Examples | None, dev: Examples):
         n = recipe.finetune.train_examples or len(pool)
         ft = train.subset(pool[:n])
     return imp_examples, ft
+
+
+@dataclass
+class Prepared:
+    """A fine-tuned model with its data, ready for importance, pruning or analyses."""
+
+    ctx: RunContext
+    model: torch.nn.Module
+    model_path: Path
+    dev_enc: Encoded
+    imp_enc: Encoded
+    dev_loader: object
+    imp_loader: object
+    finetune_info: dict | None
+
+
+def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False) -> Prepared:
+    """Load data and model, fine-tune (or reuse the cached fine-tuned model), build the dataloaders.
+
+    Raises:
+        RunError, DataError, prune_attattr.models.ModelError: bad input.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer
+
+    r = recipe
+    if r.runtime.threads:
+        torch.set_num_threads(r.runtime.threads)
+    if accelerator is None:
+        accelerator = Accelerator(cpu=r.runtime.cpu, mixed_precision=r.runtime.mixed_precision)
+    set_seed(r.seed)
+    model_path = resolve_model_path(r.model.path)
+    train, dev, labels, metric_names = load_task_data(r)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet)
+    imp_examples, ft_examples = _split_train(r, train, dev)
+    id2label = dict(enumerate(labels))
+    with ctx.stage("tokenize"):
+        dev_enc = encode(tokenizer, dev, r.model.max_length)
+        imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
+        ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
+    finetune_info = None
+    if ft_enc is not None:
+        from .finetune import finetune
+
+        with ctx.stage("fine-tune"):
+            model_dir, finetune_info = finetune(
+                model_path, tokenizer, ft_enc, id2label=id2label, settings=r.finetune, seed=r.seed, accelerator=accelerator
+            )
+        ctx.print(
+            f"   fine-tuned model {'reused from cache' if finetune_info['cached'] else 'trained'}: {model_dir}"
+            + ("" if finetune_info["cached"] else f" ({len(ft_enc)} examples)")
+        )
+    else:
+        model_dir = model_path
+    model = load_classifier(model_dir, id2label=None if ft_enc is not None else id2label).to(accelerator.device)
+    if model.config.num_labels != len(labels):
+        raise RunError(
+            f"model.path {model_dir} has {model.config.num_labels} labels but the task has {len(labels)}; "
+            "fine-tune it (finetune.enabled true) or pick a matching model"
+        )
+    dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
+    imp_loader = ctx.loader(imp_enc, r.importance.batch_size)
+    return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info)
 
 
 def _importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
@@ -221,8 +288,6 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         RunError, DataError, prune_attattr.models.ModelError: bad input found while running.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     r = recipe
     final = Path(r.output_dir) / r.run_name
@@ -231,50 +296,21 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
     if r.runtime.threads:
         torch.set_num_threads(r.runtime.threads)
     accelerator = Accelerator(cpu=r.runtime.cpu, mixed_precision=r.runtime.mixed_precision)
-    set_seed(r.seed)
-    model_path = resolve_model_path(r.model.path)
-    train, dev, labels, metric_names = load_task_data(r)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels)
     resolved = r.model_dump(mode="json")
-    ctx.print("[bold]prune-attattr[/] resolved recipe" + (f" ({recipe_source})" if recipe_source else "") + ":")
-    ctx.print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
-    ctx.print(f"processes: {accelerator.num_processes}, device: {accelerator.device}, torch threads: {torch.get_num_threads()}")
+    if accelerator.is_main_process:
+        console().print("[bold]prune-attattr[/] resolved recipe" + (f" ({recipe_source})" if recipe_source else "") + ":")
+        console().print(yaml.safe_dump(resolved, sort_keys=False).rstrip())
+        console().print(f"processes: {accelerator.num_processes}, device: {accelerator.device}, torch threads: {torch.get_num_threads()}")
 
     tmp = None
     if accelerator.is_main_process:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{r.run_name}.tmp-", dir=final.parent))
     try:
-        imp_examples, ft_examples = _split_train(r, train, dev)
-        id2label = dict(enumerate(labels))
-        with ctx.stage("tokenize"):
-            dev_enc = encode(tokenizer, dev, r.model.max_length)
-            imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
-            ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
-        finetune_info = None
-        if ft_enc is not None:
-            from .finetune import finetune
-
-            with ctx.stage("fine-tune"):
-                model_dir, finetune_info = finetune(
-                    model_path, tokenizer, ft_enc, id2label=id2label, settings=r.finetune, seed=r.seed, accelerator=accelerator
-                )
-            ctx.print(
-                f"   fine-tuned model {'reused from cache' if finetune_info['cached'] else 'trained'}: {model_dir}"
-                + ("" if finetune_info["cached"] else f" ({len(ft_enc)} examples)")
-            )
-        else:
-            model_dir = model_path
-        model = load_classifier(model_dir, id2label=None if ft_enc is not None else id2label).to(accelerator.device)
-        if model.config.num_labels != len(labels):
-            raise RunError(
-                f"model.path {model_dir} has {model.config.num_labels} labels but the task has {len(labels)}; "
-                "fine-tune it (finetune.enabled true) or pick a matching model"
-            )
-        dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
-        imp_loader = ctx.loader(imp_enc, r.importance.batch_size)
+        prep = prepare(r, accelerator)
+        ctx, model, model_path = prep.ctx, prep.model, prep.model_path
+        dev_enc, imp_enc, dev_loader, imp_loader = prep.dev_enc, prep.imp_enc, prep.dev_loader, prep.imp_loader
+        finetune_info, metric_names = prep.finetune_info, ctx.metrics
         with ctx.stage("evaluate unpruned"):
             baseline = evaluate_model(model, dev_loader, accelerator, metric_names, description="dev")
         ctx.print(f"   unpruned: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in baseline.items() if k != "loss"))

@@ -1,0 +1,173 @@
+"""AttAttr speed and fidelity: the paper's procedure against the fast path, same model, same examples.
+
+    python benchmarks/attattr_speed.py                       # embedded MiniLM fine-tuned by recipes/sst2.yaml, 200 examples
+    python benchmarks/attattr_speed.py --model bert-base --examples 8   # random 12x12, hidden 768
+    python benchmarks/attattr_speed.py --fast-quadrature gauss --fast-steps 4 --json out.json
+
+Prints: wall time of each path and their ratio; Spearman correlation of the two head rankings; max
+per-head relative difference; the integrated-gradients completeness gap of each path (|Σ Attr -
+(F(A) - F(0))| relative to |F(A) - F(0)|, per example and layer); and, for the fine-tuned model, the
+largest difference between the two pruning curves in accuracy points. Uses the fine-tuning cache of
+the recipe (the first call fine-tunes, about 13 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default=str(ROOT / "recipes" / "sst2.yaml"))
+    p.add_argument("--model", choices=["recipe", "bert-base"], default="recipe")
+    p.add_argument("--examples", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=None, help="fast path examples per batch (default: recipe)")
+    p.add_argument("--fast-quadrature", default=None, help="default: the recipe's")
+    p.add_argument("--fast-steps", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--ref-steps", type=int, default=20)
+    p.add_argument("--no-curves", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the figures to this file")
+    return p.parse_args()
+
+
+def _completeness(model, loader, mode, steps, quadrature, chunk, max_batches=2):
+    """Mean over (example, layer) of |Σ Attr - (F(A) - F(0))| / mean |F(A) - F(0)|."""
+    from prune_attattr import AttentionControl, attention_attribution
+    from prune_attattr.models import forward_logits
+
+    gaps, deltas = [], []
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        attr = attention_attribution(model, batch, steps=steps, mode=mode, quadrature=quadrature, chunk_size=chunk, target="gold")
+        with torch.no_grad():
+            ctrl = AttentionControl(record=True)
+            p = forward_logits(model, batch, ctrl).softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
+            for layer in range(attr.shape[1]):
+                zero = torch.zeros_like(ctrl.recorded[layer])
+                p0 = forward_logits(model, batch, AttentionControl(replace={layer: zero})).softmax(-1)
+                p0 = p0.gather(1, batch["labels"][:, None]).squeeze(1)
+                gaps.append((attr[:, layer].sum((1, 2, 3)) - (p - p0)).abs())
+                deltas.append((p - p0).abs())
+    return float(torch.cat(gaps).mean() / torch.cat(deltas).mean())
+
+
+def main() -> int:
+    args = _args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.table import Table
+    from scipy.stats import spearmanr
+
+    from prune_attattr import load_recipe, pruning_curve
+    from prune_attattr.evaluation import evaluate_model
+    from prune_attattr.importance import attattr_importance
+    from prune_attattr.pipeline import prepare
+    from prune_attattr.tasks import make_dataloader
+
+    console = Console()
+    accelerator = Accelerator(cpu=True)
+    recipe = load_recipe(args.recipe, [f"importance.examples={args.examples}"])
+    a = recipe.importance.attattr
+    fast_q = args.fast_quadrature or a.quadrature
+    fast_m = args.fast_steps or a.steps
+    chunk = args.chunk_size or a.chunk_size
+    bsz = args.batch_size or recipe.importance.batch_size
+    prep = prepare(recipe, accelerator, quiet=True)
+    model, imp_enc = prep.model, prep.imp_enc
+    label = "embedded MiniLM-L6 (6x12, hidden 384), fine-tuned on SST-2"
+    if args.model == "bert-base":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        from prune_attattr.attention import register_attention
+
+        torch.manual_seed(0)
+        cfg = BertConfig(num_labels=2)  # 12 layers x 12 heads, hidden 768
+        cfg._attn_implementation = register_attention()
+        model = BertForSequenceClassification(cfg).eval()
+        label = "random bert-base-sized model (12x12, hidden 768)"
+        args.no_curves = True
+    loader = make_dataloader(imp_enc, batch_size=bsz, pad_id=prep.ctx.pad_id)
+    tokens = sum(imp_enc.lengths)
+    console.print(f"[bold]{label}[/]; {len(imp_enc)} SST-2 examples ({tokens} tokens); torch threads {torch.get_num_threads()}")
+
+    t = time.perf_counter()
+    ref = attattr_importance(model, loader, accelerator, steps=args.ref_steps, mode="reference", quadrature="left", target="gold", description="reference (paper)")
+    t_ref = time.perf_counter() - t
+    t = time.perf_counter()
+    fast = attattr_importance(model, loader, accelerator, steps=fast_m, mode="fast", quadrature=fast_q, chunk_size=chunk, target="gold", description="fast")
+    t_fast = time.perf_counter() - t
+
+    rho = float(spearmanr(ref.flatten().numpy(), fast.flatten().numpy()).statistic)
+    rel = ((fast - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
+    rel_to_max = ((fast - ref).abs().max() / ref.abs().max()).item()
+    small = make_dataloader(imp_enc.subset(range(min(16, len(imp_enc)))), batch_size=8, pad_id=prep.ctx.pad_id)
+    comp_ref = _completeness(model, small, "reference", args.ref_steps, "left", chunk)
+    comp_fast = _completeness(model, small, "fast", fast_m, fast_q, chunk)
+
+    curve_diff = None
+    curves = {}
+    if not args.no_curves:
+        evaluate = lambda m: evaluate_model(m, prep.dev_loader, accelerator, prep.ctx.metrics)  # noqa: E731
+        for name, scores in (("reference", ref), ("fast", fast)):
+            curves[name] = [s.metrics["accuracy"] for s in pruning_curve(model, scores, evaluate, step_fraction=recipe.pruning.step_fraction)]
+        curve_diff = max(abs(x - y) for x, y in zip(curves["reference"], curves["fast"])) * 100
+
+    figures = {
+        "model": label,
+        "examples": len(imp_enc),
+        "threads": torch.get_num_threads(),
+        "reference": {"mode": "reference", "quadrature": "left", "steps": args.ref_steps, "seconds": t_ref},
+        "fast": {"mode": "fast", "quadrature": fast_q, "steps": fast_m, "batch_size": bsz, "chunk_size": chunk, "seconds": t_fast},
+        "speedup": t_ref / t_fast,
+        "spearman": rho,
+        "max_rel_diff_per_head": rel,
+        "max_diff_rel_to_max_score": rel_to_max,
+        "completeness_gap_reference": comp_ref,
+        "completeness_gap_fast": comp_fast,
+        "curve_max_diff_points": curve_diff,
+        "curves": curves,
+    }
+    table = Table(title="AttAttr: paper procedure vs fast path")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row(f"reference (left Riemann, m={args.ref_steps}, one example at a time) s", f"{t_ref:.1f}", "")
+    table.add_row(f"fast ({fast_q}, m={fast_m}, batch {bsz}) s", f"{t_fast:.1f}", "")
+    table.add_row("speed-up", f"{t_ref / t_fast:.1f}x", ">= 10x")
+    table.add_row("per example: reference / fast ms", f"{1000 * t_ref / len(imp_enc):.0f} / {1000 * t_fast / len(imp_enc):.0f}", "")
+    table.add_row("Spearman of head rankings", f"{rho:.4f}", ">= 0.99")
+    table.add_row("max per-head relative difference", f"{rel:.4f}", "")
+    table.add_row("max head difference / max head score", f"{rel_to_max:.4f}", "")
+    table.add_row("completeness gap, reference", f"{comp_ref:.4f}", "")
+    table.add_row("completeness gap, fast", f"{comp_fast:.4f}", "")
+    table.add_row("pruning curves, max difference (points)", "n/a" if curve_diff is None else f"{curve_diff:.2f}", "<= 0.5")
+    console.print(table)
+    if curves:
+        console.print("accuracy per step (reference):", " ".join(f"{100 * x:.1f}" for x in curves["reference"]))
+        console.print("accuracy per step (fast):     ", " ".join(f"{100 * x:.1f}" for x in curves["fast"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

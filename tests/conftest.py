@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random BERT-family classifiers built from a config in code (no hub)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_model(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32, labels: int = 3, seed: int = 0, init: float = 0.3):
+    """A random classifier with large-ish weights so attention and attributions are far from uniform."""
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    from prune_attattr.attention import register_attention
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=120,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden + 3,
+        max_position_embeddings=64,
+        num_labels=labels,
+        initializer_range=init,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    if kind == "bert":
+        config = BertConfig(**common)
+        cls = BertForSequenceClassification
+    else:
+        config = RobertaConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        cls = RobertaForSequenceClassification
+    config._attn_implementation = register_attention()
+    return cls(config).eval()
+
+
+def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3):
+    """``input_ids``/``attention_mask``/``token_type_ids``/``labels`` with padding in some rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 120, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for b in range(1, batch):
+        n = max(3, seq - 2 * b)
+        mask[b, n:] = 0
+        ids[b, n:] = 0
+    types = torch.zeros_like(ids)
+    types[:, seq // 2 :] = 1
+    types = types * mask
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": types,
+        "labels": torch.randint(0, labels, (batch,), generator=g),
+    }
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
+
+
+@pytest.fixture
+def batch():
+    return tiny_batch()
