@@ -35,6 +35,7 @@ def _args():
     p.add_argument("--fast-steps", type=int, default=None, help="default: the recipe's")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--ref-steps", type=int, default=20)
+    p.add_argument("--also", nargs="*", default=[], metavar="QUADRATURE:STEPS", help="extra fast variants to time and compare, e.g. left:20 gauss:3")
     p.add_argument("--no-curves", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the figures to this file")
@@ -116,6 +117,18 @@ def main() -> int:
     fast = attattr_importance(model, loader, accelerator, steps=fast_m, mode="fast", quadrature=fast_q, chunk_size=chunk, target="gold", description="fast")
     t_fast = time.perf_counter() - t
 
+    variants = []
+    for spec in args.also:
+        q, m = spec.split(":")
+        t = time.perf_counter()
+        other = attattr_importance(model, loader, accelerator, steps=int(m), mode="fast", quadrature=q, chunk_size=chunk, target="gold", description=f"fast {spec}")
+        secs = time.perf_counter() - t
+        variants.append({
+            "quadrature": q, "steps": int(m), "seconds": secs, "speedup": t_ref / secs,
+            "spearman": float(spearmanr(ref.flatten().numpy(), other.flatten().numpy()).statistic),
+            "max_diff_rel_to_max_score": ((other - ref).abs().max() / ref.abs().max()).item(),
+        })
+
     rho = float(spearmanr(ref.flatten().numpy(), fast.flatten().numpy()).statistic)
     rel = ((fast - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
     rel_to_max = ((fast - ref).abs().max() / ref.abs().max()).item()
@@ -145,6 +158,7 @@ def main() -> int:
         "completeness_gap_fast": comp_fast,
         "curve_max_diff_points": curve_diff,
         "curves": curves,
+        "variants": variants,
     }
     table = Table(title="AttAttr: paper procedure vs fast path")
     table.add_column("figure")
@@ -161,6 +175,13 @@ def main() -> int:
     table.add_row("completeness gap, fast", f"{comp_fast:.4f}", "")
     table.add_row("pruning curves, max difference (points)", "n/a" if curve_diff is None else f"{curve_diff:.2f}", "<= 0.5")
     console.print(table)
+    if variants:
+        vt = Table(title="other fast variants (same examples)")
+        for c in ("quadrature", "steps", "seconds", "speed-up", "Spearman", "max diff / max score"):
+            vt.add_column(c, justify="right")
+        for v in variants:
+            vt.add_row(v["quadrature"], str(v["steps"]), f"{v['seconds']:.1f}", f"{v['speedup']:.1f}x", f"{v['spearman']:.4f}", f"{v['max_diff_rel_to_max_score']:.4f}")
+        console.print(vt)
     if curves:
         console.print("accuracy per step (reference):", " ".join(f"{100 * x:.1f}" for x in curves["reference"]))
         console.print("accuracy per step (fast):     ", " ".join(f"{100 * x:.1f}" for x in curves["fast"]))

@@ -192,6 +192,76 @@ def run_layers(
     return hidden
 
 
+def _heads_and_size(layer: nn.Module) -> tuple[int, int]:
+    sa = layer.attention.self
+    return getattr(sa, "num_attention_heads", 0), getattr(sa, "attention_head_size", 0)
+
+
+def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """Finish an encoder layer from its attention context (what ``A @ V`` gives).
+
+    Args:
+        layer: a BERT/RoBERTa encoder layer.
+        context: ``[N, heads, T_q, head_dim]`` per-head attention output, or None for a layer with no heads.
+        residual: the layer's input at the same query positions, ``[N, T_q, hidden]``.
+
+    Returns:
+        The layer's output ``[N, T_q, hidden]`` (attention output projection, residual LayerNorm, feed-forward).
+    """
+    if context is None:
+        flat = residual[..., :0]
+    else:
+        n, h, t, d = context.shape
+        flat = context.transpose(1, 2).reshape(n, t, h * d)
+    attn_out = layer.attention.output(flat, residual)
+    return layer.output(layer.intermediate(attn_out), attn_out)
+
+
+def values(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The value vectors of ``layer`` for input ``hidden [N, T, hidden]``: ``[N, heads, T, head_dim]``."""
+    heads, d = _heads_and_size(layer)
+    n, t, _ = hidden.shape
+    return layer.attention.self.value(hidden).view(n, t, heads, d).transpose(1, 2)
+
+
+def cls_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, control: AttentionControl | None = None) -> torch.Tensor:
+    """An encoder layer computed for the first ([CLS]) query position only: ``[N, 1, hidden]``.
+
+    The classifier reads only position 0 of the last layer, so the last layer needs keys and values
+    of every token but queries, output projection and feed-forward for one position. ``control`` may
+    carry ``head_mask`` or a ``replace`` of shape ``[N, heads, 1, T]``.
+    """
+    from .attention import attention_forward
+
+    heads, d = _heads_and_size(layer)
+    if heads == 0:
+        return layer_from_context(layer, None, hidden[:, :1])
+    sa = layer.attention.self
+    n, t, _ = hidden.shape
+    q = sa.query(hidden[:, :1]).view(n, 1, heads, d).transpose(1, 2)
+    k = sa.key(hidden).view(n, t, heads, d).transpose(1, 2)
+    v = sa.value(hidden).view(n, t, heads, d).transpose(1, 2)
+    m = mask[:, :, :1, :] if mask is not None else None
+    out, _ = attention_forward(sa, q, k, v, m, scaling=sa.scaling, attention_control=control)
+    return layer_from_context(layer, out.transpose(1, 2), hidden[:, :1])
+
+
+def logits_from_layer(
+    model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, control: AttentionControl | None = None
+) -> torch.Tensor:
+    """Classifier logits ``[N, labels]`` from the input ``hidden [N, T, hidden]`` of layer ``start``.
+
+    Runs layers ``start .. L-2`` in full and the last layer for [CLS] only (:func:`cls_layer`); equal
+    to the whole model's logits when ``hidden`` is that layer's input.
+    """
+    layers = encoder_layers(model)
+    last = len(layers) - 1
+    if start <= last - 1:
+        hidden = run_layers(model, hidden, mask, start, last, control)
+    out = cls_layer(layers[last], hidden, mask, control)
+    return classify(model, out)
+
+
 def classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Classifier logits ``[B, labels]`` from the last layer's output ``hidden [B, T, hidden]``."""
     base = base_model(model)

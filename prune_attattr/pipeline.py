@@ -372,6 +372,9 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
             write_markdown(report, tmp / "report.md")
             write_json(report, tmp / "report.json")
             print_report(report, console())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

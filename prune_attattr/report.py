@@ -68,7 +68,7 @@ def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{total} heads kept".ljust(width - 6) + "0")
     legend = ", ".join(f"{MARKERS.get(m, m[0].upper())}={m}" for m in by_method)
-    lines.append(" " * 8 + legend + "  (* = overlap)")
+    lines.append(" " * 8 + legend + ", *=several")
     return "\n".join(lines)
 
 

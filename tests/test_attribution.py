@@ -83,6 +83,16 @@ def test_fast_equals_reference(kind, quadrature):
     assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)  # float32 sums in another order
 
 
+@pytest.mark.parametrize("heads", [{0: [1], 2: [0, 3]}, {1: [0, 1, 2, 3], 2: [2]}, {2: [0, 1, 2, 3]}])
+def test_fast_equals_reference_on_pruned_models(heads):
+    model = prune_heads(tiny_model(), heads)
+    batch = tiny_batch()
+    fast = attention_attribution(model, batch, steps=5, mode="fast")
+    ref = attention_attribution(model, batch, steps=5, mode="reference")
+    assert fast.abs().max() > 0
+    assert torch.allclose(fast, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_target_gold_differs_from_predicted(model, batch):
     with torch.no_grad():
         pred = forward_logits(model, batch).argmax(-1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionControl
-from ..evaluation import compute_metrics, predict
+from ..evaluation import compute_metrics
 from ..models import encoder_layers, forward_logits, frozen, kept_heads
 from ..progress import progress
 from .attattr import attention_attribution, attribution_head_scores, iter_layer_attributions, quadrature_nodes
@@ -117,6 +117,7 @@ def taylor_importance(
     return total
 
 
+@torch.no_grad()
 def accuracy_difference_importance(
     model: nn.Module,
     dataloader,
@@ -130,23 +131,52 @@ def accuracy_difference_importance(
     ``I_h = metric(all heads) - metric(head h masked)`` on the importance examples, in metric units
     (fractions). Equal drops are ordered by the mean cross-entropy increase, added with weight 1e-6
     (below one example's share of the metric for up to 10^5 examples). Returns ``[layers, heads]``.
+
+    Masking a head of layer l changes nothing below l, so each batch runs the lower layers once and
+    all heads of a layer in one forward (one copy of the batch per head), the last layer for [CLS] only.
     """
+    from ..models import embed, logits_from_layer, run_layers
+
     primary = metrics[0]
-    logits, labels, loss = predict(model, dataloader, accelerator)
-    base = compute_metrics([primary], logits.argmax(-1), labels)[primary]
-    base_loss = float(loss.mean())
     heads = kept_heads(model)
-    jobs = [(layer, pos) for layer, hs in enumerate(heads) for pos in range(len(hs))]
-    per_layer = {layer: torch.zeros(len(hs)) for layer, hs in enumerate(heads) if hs}
-    device = next(model.parameters()).device
-    it = progress(jobs, description, accelerator) if description else jobs
-    for layer, pos in it:
-        mask = torch.ones(len(heads[layer]), device=device)
-        mask[pos] = 0
-        lg, lb, ls = predict(model, dataloader, accelerator, control=AttentionControl(head_mask={layer: mask}))
-        drop = base - compute_metrics([primary], lg.argmax(-1), lb)[primary]
-        per_layer[layer][pos] = drop + 1e-6 * (float(ls.mean()) - base_loss)
-    return _scatter(model, per_layer, ())
+    n_layers, n_heads = len(heads), model.config.num_attention_heads
+    was_training = model.training
+    model.eval()
+    base_logits, masked_logits, all_labels = [], [], []
+    it = progress(dataloader, description, accelerator) if description else dataloader
+    for batch in it:
+        bsz = batch["input_ids"].shape[0]
+        hidden, mask = embed(model, batch)
+        out = torch.zeros(bsz, n_layers, n_heads, model.config.num_labels, device=hidden.device)
+        for layer, hs in enumerate(heads):
+            if hs:
+                k = len(hs)
+                hm = torch.ones(k, bsz, k, device=hidden.device)
+                hm[torch.arange(k), :, torch.arange(k)] = 0  # copy i masks head i
+                rep_h = hidden.unsqueeze(0).expand(k, *hidden.shape).reshape(k * bsz, *hidden.shape[1:])
+                rep_m = None if mask is None else mask.unsqueeze(0).expand(k, *mask.shape).reshape(k * bsz, *mask.shape[1:])
+                logits = logits_from_layer(model, rep_h, rep_m, layer, AttentionControl(head_mask={layer: hm.view(k * bsz, k)}))
+                out[:, layer, hs] = logits.view(k, bsz, -1).transpose(0, 1).float()
+            hidden = run_layers(model, hidden, mask, layer, layer + 1)
+        from ..models import classify
+
+        base = classify(model, hidden).float()
+        base, out, labels = accelerator.gather_for_metrics((base, out, batch["labels"]))
+        base_logits.append(base.cpu())
+        masked_logits.append(out.cpu())
+        all_labels.append(labels.cpu())
+    model.train(was_training)
+    base, masked, labels = torch.cat(base_logits), torch.cat(masked_logits), torch.cat(all_labels)
+    base_metric = compute_metrics([primary], base.argmax(-1), labels)[primary]
+    base_loss = float(nn.functional.cross_entropy(base, labels))
+    scores = torch.zeros(n_layers, n_heads)
+    for layer, hs in enumerate(heads):
+        for h in hs:
+            lg = masked[:, layer, h]
+            drop = base_metric - compute_metrics([primary], lg.argmax(-1), labels)[primary]
+            loss_up = float(nn.functional.cross_entropy(lg, labels)) - base_loss
+            scores[layer, h] = drop + 1e-6 * loss_up
+    return scores
 
 
 @torch.no_grad()

@@ -1,0 +1,187 @@
+"""Attribution trees: the information flow inside the model for one input (Hao et al. 2021, section 5).
+
+Construction, for one example and its layer-wise attribution summed over heads
+``S[l] = Σ_h Attr_h(A^l)`` (``[layers, seq, seq]``, query i attends to key j):
+
+1. each layer is divided by its largest absolute score, the [CLS] query row excluded (that row and
+   self-interactions i == j carry no flow between tokens, so they never become edges);
+2. an edge ``key j -> query i`` at layer l exists when the normalised score exceeds ``threshold``
+   (paper: tau = 0.4);
+3. the root is the token (not [CLS]) with the largest total attribution as a query, summed over the
+   layers of the normalised scores; the tree grows top-down from the last layer: at layer l every
+   token already in the tree takes as children the tokens it has an edge to and that are not in the
+   tree yet (a token joins once, at the highest layer where information flows from it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["TreeEdge", "AttributionTree", "build_tree", "layer_attribution_maps", "tree_for_text", "draw_tree", "rich_tree"]
+
+
+@dataclass
+class TreeEdge:
+    """Information flows from ``key`` (child) into ``query`` (parent) at ``layer`` with ``score`` (normalised)."""
+
+    query: int
+    key: int
+    layer: int
+    score: float
+
+
+@dataclass
+class AttributionTree:
+    """Nodes are token positions; ``joined[t]`` is the layer at which token t entered (root: num_layers)."""
+
+    tokens: list[str]
+    root: int
+    edges: list[TreeEdge]
+    joined: dict[int, int]
+    threshold: float
+    num_layers: int
+    text: str = ""
+    prediction: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "prediction": self.prediction,
+            "threshold": self.threshold,
+            "num_layers": self.num_layers,
+            "tokens": self.tokens,
+            "root": self.root,
+            "nodes": [{"position": t, "token": self.tokens[t], "layer": l} for t, l in sorted(self.joined.items(), key=lambda x: (-x[1], x[0]))],
+            "edges": [asdict(e) for e in self.edges],
+            **self.extra,
+        }
+
+
+def build_tree(scores: torch.Tensor, tokens: list[str], threshold: float = 0.4, cls_index: int | None = 0) -> AttributionTree:
+    """Build the attribution tree from layer-wise scores.
+
+    Args:
+        scores: ``[layers, seq, seq]`` attribution summed over heads (query, key), unnormalised.
+        tokens: the ``seq`` token strings.
+        threshold: keep edges whose normalised score is above this (paper: 0.4).
+        cls_index: position of [CLS] (excluded from normalisation, edges and root), or None.
+
+    Returns:
+        The tree; edges sorted by layer (top first), then query, then key.
+
+    Raises:
+        ValueError: shapes disagree, or fewer than 2 non-[CLS] tokens.
+    """
+    n_layers, seq, seq2 = scores.shape
+    if seq != seq2 or seq != len(tokens):
+        raise ValueError(f"scores {tuple(scores.shape)} do not match {len(tokens)} tokens")
+    s = scores.detach().float().clone()
+    eye = torch.eye(seq, dtype=torch.bool)
+    s[:, eye] = 0.0
+    if cls_index is not None:
+        s[:, cls_index, :] = 0.0
+    denom = s.abs().flatten(1).max(-1).values.clamp_min(1e-30)
+    norm = s / denom.view(-1, 1, 1)
+    total = norm.sum(dim=(0, 2))
+    if cls_index is not None:
+        total[cls_index] = float("-inf")
+    if seq - (cls_index is not None) < 2:
+        raise ValueError("an attribution tree needs at least 2 tokens besides [CLS]")
+    root = int(total.argmax())
+    joined = {root: n_layers}
+    edges: list[TreeEdge] = []
+    for layer in range(n_layers - 1, -1, -1):
+        present = sorted(joined)
+        new = {}
+        for q in present:
+            for k in range(seq):
+                if k == q or k in joined:
+                    continue
+                score = float(norm[layer, q, k])
+                if score > threshold:
+                    if k not in new or score > new[k].score:
+                        new[k] = TreeEdge(q, k, layer, score)
+        for k, e in sorted(new.items()):
+            joined[k] = layer
+            edges.append(e)
+    edges.sort(key=lambda e: (-e.layer, e.query, e.key))
+    return AttributionTree(tokens, root, edges, joined, threshold, n_layers)
+
+
+def layer_attribution_maps(model, batch, *, steps: int = 20, target: str = "predicted", **kwargs) -> torch.Tensor:
+    """``[layers, seq, seq]`` attribution summed over heads for a batch of one example (Eq. 3)."""
+    from ..importance.attattr import attention_attribution
+
+    attr = attention_attribution(model, batch, steps=steps, target=target, **kwargs)
+    return attr[0].sum(1)
+
+
+def tree_for_text(model, tokenizer, text: str, pair: str | None = None, *, threshold: float = 0.4, steps: int = 20, max_length: int = 128, labels: list[str] | None = None) -> AttributionTree:
+    """Tokenise one sentence (or pair), attribute the predicted class, and build its tree."""
+    enc = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
+    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        from ..models import forward_logits
+
+        pred = int(forward_logits(model, batch).argmax(-1))
+    maps = layer_attribution_maps(model, batch, steps=steps, target="predicted")
+    tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
+    tree = build_tree(maps, tokens, threshold)
+    tree.text = text if pair is None else f"{text} ||| {pair}"
+    tree.prediction = labels[pred] if labels else str(pred)
+    return tree
+
+
+def rich_tree(tree: AttributionTree):
+    """A ``rich.tree.Tree`` of the attribution tree (children under the query they flow into)."""
+    from rich.tree import Tree
+
+    label = lambda t: f"[bold]{tree.tokens[t]}[/] #{t}"  # noqa: E731
+    top = Tree(f"{label(tree.root)} (root; prediction {tree.prediction})")
+    nodes = {tree.root: top}
+    for e in sorted(tree.edges, key=lambda e: -e.layer):
+        parent = nodes[e.query]
+        nodes[e.key] = parent.add(f"{label(e.key)}  [dim]layer {e.layer + 1}, score {e.score:.2f}[/]")
+    return top
+
+
+def draw_tree(tree: AttributionTree, path: Path) -> None:
+    """PNG/SVG drawing: tokens on the x axis by position, layers on the y axis, edges key -> query."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(tree.tokens)
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 1), 0.45 * tree.num_layers + 2.5), dpi=130)
+    for t, layer in tree.joined.items():
+        ax.plot([t, t], [layer, tree.num_layers], color="0.85", lw=1, zorder=0)
+    for e in tree.edges:
+        ax.annotate("", xy=(e.query, e.layer + 1), xytext=(e.key, e.layer), arrowprops=dict(arrowstyle="->", color=plt.cm.viridis(min(1.0, e.score)), lw=1 + 2 * e.score))
+        ax.text((e.query + e.key) / 2, e.layer + 0.5, f"{e.score:.2f}", fontsize=7, ha="center", color="0.3")
+    for t, layer in tree.joined.items():
+        ax.scatter([t], [layer], s=70, color="crimson" if t == tree.root else "tab:blue", zorder=3)
+        ax.text(t, layer + 0.18, tree.tokens[t], fontsize=8, ha="center", va="bottom", zorder=4)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(tree.tokens, rotation=60, fontsize=8)
+    ax.set_yticks(range(tree.num_layers + 1))
+    ax.set_yticklabels(["input"] + [f"layer {i}" for i in range(1, tree.num_layers + 1)], fontsize=8)
+    ax.set_ylim(-0.5, tree.num_layers + 0.8)
+    ax.set_title(f"attribution tree (tau = {tree.threshold}); prediction: {tree.prediction}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_tree(tree: AttributionTree, directory: Path, name: str) -> dict:
+    """Write ``<name>.json`` and ``<name>.png``; return the JSON dict."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data = tree.to_dict()
+    (directory / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
+    draw_tree(tree, directory / f"{name}.png")
+    return data
