@@ -129,6 +129,7 @@ class PruningSettings(_Strict):
         pruning: {step_fraction: 0.1, rescore: false}
     """
 
+    enabled: bool = Field(True, description="false: score heads (and run analyses) without pruning curves or export")
     step_fraction: float = Field(0.1, gt=0, le=1, description="fraction of all heads removed per step")
     rescore: bool = Field(False, description="re-score the remaining heads after every step")
     eval_batch_size: int = Field(64, ge=1)
@@ -151,6 +152,116 @@ class ExportSettings(_Strict):
     onnx_opset: int = Field(18, ge=14)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=1)
+
+
+class TreeExample(_Strict):
+    """One input of an attribution tree: a sentence, or a sentence pair."""
+
+    text: str = Field(min_length=1)
+    pair: str | None = None
+
+
+class TreeSettings(_Strict):
+    """Attribution trees (Hao et al. 2021, section 5).
+
+    Sample YAML::
+
+        tree: {enabled: true, threshold: 0.4, examples: [{text: "a gorgeous, witty film"}]}
+    """
+
+    enabled: bool = False
+    examples: list[TreeExample] = Field(default_factory=list)
+    threshold: float = Field(0.4, gt=0, lt=1, description="tau: keep edges above this normalised score")
+    steps: int = Field(20, ge=1)
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
+
+
+class TriggerSettings(_Strict):
+    """Adversarial triggers from attribution patterns (section 6).
+
+    Sample YAML::
+
+        triggers: {enabled: true, examples: 500, steps: 64, quadrature: left, top: 10}
+    """
+
+    enabled: bool = False
+    examples: int = Field(500, ge=1, description="training examples the patterns are extracted from")
+    steps: int = Field(64, ge=1)
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
+    mode: Literal["fast", "reference"] = "fast"
+    top: int = Field(10, ge=1, description="patterns attacked and reported")
+
+
+class EffectivenessSettings(_Strict):
+    """Pruning attention connections by attribution vs by attention score (section 4.1).
+
+    Sample YAML::
+
+        effectiveness: {enabled: true, examples: 200, fractions: [0, 0.01, 0.05, 0.1, 0.2]}
+    """
+
+    enabled: bool = False
+    examples: int = Field(200, ge=1, description="dev examples")
+    fractions: list[float] = Field(default_factory=lambda: [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3])
+    steps: int = Field(3, ge=1)
+    quadrature: Literal["left", "midpoint", "gauss"] = "gauss"
+
+    @field_validator("fractions")
+    @classmethod
+    def _in_unit(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= f <= 1 for f in v):
+            raise ValueError("fractions must be a non-empty list of numbers in [0, 1]")
+        return sorted(v)
+
+
+class UniversalitySet(_Strict):
+    """One example set for the universality analysis.
+
+    ``part``/``parts`` split the (shuffled) split into disjoint parts; ``label_map`` maps this task's
+    labels to the model's (e.g. MNLI -> RTE); ``target: predicted`` needs no labels at all.
+    """
+
+    name: str
+    task: Literal["sst2", "mrpc", "rte", "mnli"]
+    split: Literal["train", "dev"] = "dev"
+    part: int | None = Field(None, ge=0)
+    parts: int = Field(1, ge=1)
+    target: Literal["gold", "predicted"] = "gold"
+    label_map: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _part(self) -> UniversalitySet:
+        if self.part is not None and self.part >= self.parts:
+            raise ValueError(f"part {self.part} must be below parts {self.parts}")
+        return self
+
+
+class UniversalitySettings(_Strict):
+    """Universality of important heads (section 4.2): importance on several sets, Pearson correlations.
+
+    Sample YAML::
+
+        universality:
+          enabled: true
+          sets:
+            - {name: "SST-2 dev A", task: sst2, part: 0, parts: 2}
+            - {name: "SST-2 dev B", task: sst2, part: 1, parts: 2}
+    """
+
+    enabled: bool = False
+    examples: int = Field(200, ge=1, description="examples per set (at most)")
+    sets: list[UniversalitySet] = Field(default_factory=list)
+    steps: int = Field(3, ge=1)
+    quadrature: Literal["left", "midpoint", "gauss"] = "gauss"
+
+
+class AnalysesSettings(_Strict):
+    """The paper's supporting analyses; outputs go to ``<run>/analyses/``."""
+
+    tree: TreeSettings = Field(default_factory=TreeSettings)
+    triggers: TriggerSettings = Field(default_factory=TriggerSettings)
+    effectiveness: EffectivenessSettings = Field(default_factory=EffectivenessSettings)
+    universality: UniversalitySettings = Field(default_factory=UniversalitySettings)
 
 
 class RuntimeSettings(_Strict):
@@ -178,6 +289,7 @@ class Recipe(_Strict):
     importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     pruning: PruningSettings = Field(default_factory=PruningSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    analyses: AnalysesSettings = Field(default_factory=AnalysesSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
     @model_validator(mode="after")
@@ -206,6 +318,15 @@ class Recipe(_Strict):
             raise ValueError(
                 f"export.method '{self.export.method}' is not in importance.methods {self.importance.methods}"
             )
+        if self.export.enabled and not self.pruning.enabled:
+            raise ValueError("export.enabled needs pruning.enabled (the exported model is a step of a pruning curve)")
+        a = self.analyses
+        if a.tree.enabled and not a.tree.examples:
+            raise ValueError("analyses.tree.enabled needs analyses.tree.examples (a list of {text, pair})")
+        if a.universality.enabled and len(a.universality.sets) < 2:
+            raise ValueError("analyses.universality.enabled needs at least 2 analyses.universality.sets")
+        if a.triggers.enabled and self.data.task == "mnli":
+            raise ValueError("analyses.triggers extracts patterns from training examples; data.task 'mnli' has none here")
         if self.export.enabled and self.export.heads is None and self.export.max_drop is None:
             raise ValueError("export needs export.max_drop or export.heads (heads wins when both are set)")
         return self

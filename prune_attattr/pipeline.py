@@ -321,7 +321,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
                 scores[method] = _importance(method, model, imp_loader, ctx)
 
         curves = {}
-        for method in r.importance.methods:
+        for method in r.importance.methods if r.pruning.enabled else []:
             with ctx.stage(f"pruning curve: {method}"):
                 rescore = (lambda m, _method=method: _importance(_method, m, imp_loader, ctx)) if r.pruning.rescore else None
                 curves[method] = pruning_curve(
@@ -339,6 +339,13 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         if r.export.enabled:
             with ctx.stage("export"):
                 export_info = _export(ctx, model, scores, curves, baseline, dev_enc, tmp, dev_loader) if accelerator.is_main_process else None
+
+        analyses = {}
+        a = r.analyses
+        if a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.universality.enabled:
+            from .analyses import run_analyses
+
+            analyses = run_analyses(prep, tmp / "analyses" if tmp is not None else None)
 
         report = {
             "run_name": r.run_name,
@@ -359,6 +366,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
             "curves": {m: [s.to_dict() for s in c] for m, c in curves.items()},
             "importance": {m: s.tolist() for m, s in scores.items()},
             "export": export_info,
+            "analyses": analyses,
             "recipe": resolved,
         }
         if accelerator.is_main_process:
@@ -368,10 +376,12 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
                 (f"# resolved from {recipe_source}\n" if recipe_source else "") + yaml.safe_dump(resolved, sort_keys=False)
             )
             (tmp / "importance.json").write_text(json.dumps({m: s.tolist() for m, s in scores.items()}, indent=1) + "\n")
-            write_plot(report, tmp / "curves.png")
-            write_markdown(report, tmp / "report.md")
+            if curves:
+                write_plot(report, tmp / "curves.png")
+            write_markdown(report, tmp / "report.md", "curves.png" if curves else None)
             write_json(report, tmp / "report.json")
-            print_report(report, console())
+            if curves:
+                print_report(report, console())
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
@@ -379,7 +389,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
                 shutil.rmtree(final)
             os.replace(tmp, final)
             tmp = None
-            ctx.print(f"[bold green]wrote {final}/[/] (report.md, report.json, curves.png, importance.json, recipe.yaml" + (", model/, model.onnx)" if export_info and export_info.get("onnx") else ")"))
+            ctx.print(f"[bold green]wrote {final}/[/]: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir())))
         accelerator.wait_for_everyone()
         return report
     finally:

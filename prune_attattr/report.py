@@ -113,13 +113,14 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
     )
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
-    lines += ["", f"## {metric} (%) versus heads kept", ""]
-    if plot_name:
-        lines += [f"![{metric} vs heads kept]({plot_name})", ""]
-    lines.append("| heads kept | " + " | ".join(by_method) + " |")
-    lines.append("| ---: | " + " | ".join("---:" for _ in by_method) + " |")
-    for k in kept:
-        lines.append(f"| {k}/{total} | " + " | ".join(_pct(v.get(k)) for v in by_method.values()) + " |")
+    if by_method:
+        lines += ["", f"## {metric} (%) versus heads kept", ""]
+        if plot_name:
+            lines += [f"![{metric} vs heads kept]({plot_name})", ""]
+        lines.append("| heads kept | " + " | ".join(by_method) + " |")
+        lines.append("| ---: | " + " | ".join("---:" for _ in by_method) + " |")
+        for k in kept:
+            lines.append(f"| {k}/{total} | " + " | ".join(_pct(v.get(k)) for v in by_method.values()) + " |")
     exp = report.get("export")
     if exp:
         lines += ["", "## Export", ""]
@@ -136,6 +137,10 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
                 f"{o['latency_unpruned']['median_ms']:.2f} ms unpruned ({o['speedup']:.2f}x)"
             )
         lines.append("- reload: `prune_attattr.load_pruned('model')`")
+    if report.get("analyses"):
+        from .analyses import markdown_section
+
+        lines += markdown_section(report["analyses"])
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -121,15 +121,18 @@ def layer_attribution_maps(model, batch, *, steps: int = 20, target: str = "pred
     return attr[0].sum(1)
 
 
-def tree_for_text(model, tokenizer, text: str, pair: str | None = None, *, threshold: float = 0.4, steps: int = 20, max_length: int = 128, labels: list[str] | None = None) -> AttributionTree:
+def tree_for_text(
+    model, tokenizer, text: str, pair: str | None = None, *, threshold: float = 0.4, steps: int = 20, quadrature: str = "left", max_length: int = 128, labels: list[str] | None = None
+) -> AttributionTree:
     """Tokenise one sentence (or pair), attribute the predicted class, and build its tree."""
     enc = tokenizer(text, pair, truncation=True, max_length=max_length, return_tensors="pt")
-    batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         from ..models import forward_logits
 
         pred = int(forward_logits(model, batch).argmax(-1))
-    maps = layer_attribution_maps(model, batch, steps=steps, target="predicted")
+    maps = layer_attribution_maps(model, batch, steps=steps, target="predicted", quadrature=quadrature).cpu()
     tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][0].tolist())
     tree = build_tree(maps, tokens, threshold)
     tree.text = text if pair is None else f"{text} ||| {pair}"

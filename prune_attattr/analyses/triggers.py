@@ -1,0 +1,152 @@
+"""Adversarial triggers from attribution patterns (Hao et al. 2021, section 6).
+
+Extraction: for each example, the (layer, head) holding the largest attribution score, and in that
+head the connection (query i, key j; i != j, neither a special token) with the largest score. Its
+pattern is the word-piece pair (key token, query token) with their relative positions in the input
+(position / length). Patterns are counted across examples per gold class and ranked by frequency
+(ties: by summed attribution).
+
+Attack: a pattern found in examples of class c is inserted into every dev example of class c: its
+two tokens at the same relative positions (key first, as in the source order), and the per-class
+accuracy is measured before and after. The accuracy drop is in points (percentage points).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..importance.attattr import iter_layer_attributions
+from ..models import forward_logits
+from ..progress import progress
+from ..tasks import Encoded, make_dataloader
+
+__all__ = ["Pattern", "top_connection", "extract_patterns", "insert_pattern", "attack"]
+
+
+@dataclass
+class Pattern:
+    """A token pair whose interaction carried the most attribution, aggregated over examples."""
+
+    label: int
+    key_token: str
+    query_token: str
+    key_pos: float  # mean relative position in [0, 1]
+    query_pos: float
+    count: int
+    score: float  # summed attribution of the connection
+    layers: dict[str, int]  # "layer-head" -> count
+
+
+def top_connection(attr: torch.Tensor, special: torch.Tensor) -> tuple[int, int, int, int, float]:
+    """``(layer, head, query, key, score)`` of the top connection of the head with the largest score.
+
+    Args:
+        attr: ``[layers, heads, T, T]`` attributions of one example (no padding).
+        special: ``[T]`` bool, True for special tokens (never part of a pattern).
+    """
+    layers, heads, t, _ = attr.shape
+    head_max = attr.flatten(2).max(-1).values
+    flat = int(head_max.flatten().argmax())
+    layer, head = divmod(flat, heads)
+    m = attr[layer, head].clone()
+    bad = special[:, None] | special[None, :] | torch.eye(t, dtype=torch.bool)
+    m[bad] = float("-inf")
+    idx = int(m.flatten().argmax())
+    q, k = divmod(idx, t)
+    return layer, head, q, k, float(m[q, k])
+
+
+def extract_patterns(model, tokenizer, data: Encoded, *, steps: int, quadrature: str, mode: str, batch_size: int = 16, accelerator=None) -> list[Pattern]:
+    """Count the attribution patterns of ``data`` (gold targets), ranked per class by frequency."""
+    special_ids = set(tokenizer.all_special_ids)
+    loader = make_dataloader(data, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0)
+    agg: dict[tuple, dict] = {}
+    for batch in progress(loader, "trigger extraction", accelerator):
+        per_layer = {}
+        for layer, a, _ in iter_layer_attributions(model, batch, steps=steps, target="gold", mode=mode, quadrature=quadrature):
+            per_layer[layer] = a
+        attr = torch.stack([per_layer[l] for l in sorted(per_layer)], dim=1)  # [B, L, H, T, T] (unpruned model)
+        for b in range(attr.shape[0]):
+            n = int(batch["attention_mask"][b].sum())
+            ids = batch["input_ids"][b, :n]
+            special = torch.tensor([int(x) in special_ids for x in ids])
+            if (~special).sum() < 2:
+                continue
+            layer, head, q, k, score = top_connection(attr[b, :, :, :n, :n], special)
+            if score == float("-inf"):
+                continue
+            toks = tokenizer.convert_ids_to_tokens([int(ids[k]), int(ids[q])])
+            key = (int(batch["labels"][b]), toks[0], toks[1])
+            entry = agg.setdefault(key, {"count": 0, "score": 0.0, "kpos": 0.0, "qpos": 0.0, "heads": defaultdict(int)})
+            entry["count"] += 1
+            entry["score"] += score
+            entry["kpos"] += k / n
+            entry["qpos"] += q / n
+            entry["heads"][f"{layer}-{head}"] += 1
+    patterns = [
+        Pattern(lab, kt, qt, e["kpos"] / e["count"], e["qpos"] / e["count"], e["count"], e["score"], dict(e["heads"]))
+        for (lab, kt, qt), e in agg.items()
+    ]
+    patterns.sort(key=lambda p: (-p.count, -p.score))
+    return patterns
+
+
+def insert_pattern(
+    input_ids: list[int], token_ids: list[int], rel_positions: list[float], token_type_ids: list[int] | None = None, n_special_end: int = 1
+) -> tuple[list[int], list[int] | None]:
+    """Insert ``token_ids`` at relative positions (of the final length) into one example.
+
+    [CLS] stays first and the last ``n_special_end`` tokens ([SEP]) stay last; tokens go in order
+    of their relative position. An inserted token takes the segment id of its left neighbour.
+
+    Returns:
+        ``(new input ids, new token type ids or None)``.
+    """
+    ids = list(input_ids)
+    types = list(token_type_ids) if token_type_ids is not None else None
+    for rel, tok in sorted(zip(rel_positions, token_ids), key=lambda x: x[0]):
+        pos = int(round(rel * len(ids)))
+        pos = min(max(pos, 1), len(ids) - n_special_end)
+        ids.insert(pos, tok)
+        if types is not None:
+            types.insert(pos, types[pos - 1])
+    return ids, types
+
+
+@torch.no_grad()
+def _accuracy(model, data: Encoded, pad_id: int, batch_size: int = 64) -> float:
+    if len(data) == 0:
+        return float("nan")
+    hits = []
+    for batch in make_dataloader(data, batch_size=batch_size, pad_id=pad_id):
+        hits.append((forward_logits(model, batch).argmax(-1) == batch["labels"]).float())
+    return float(torch.cat(hits).mean())
+
+
+def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int = 10, max_length: int = 128) -> list[dict]:
+    """Insert each of the ``top`` patterns into the dev examples of its class; accuracy before/after.
+
+    Returns:
+        One dict per pattern: the pattern, ``class_examples``, ``accuracy_before``, ``accuracy_after``
+        (fractions) and ``drop_points`` (percentage points).
+    """
+    pad = tokenizer.pad_token_id or 0
+    results = []
+    for p in progress(patterns[:top], "trigger attack"):
+        idx = [i for i, y in enumerate(dev.labels) if y == p.label]
+        cls_data = dev.subset(idx)
+        tok_ids = tokenizer.convert_tokens_to_ids([p.key_token, p.query_token])
+        new_ids, new_types = [], []
+        for i, ids in enumerate(cls_data.input_ids):
+            types = cls_data.token_type_ids[i] if cls_data.token_type_ids is not None else None
+            ins, ins_types = insert_pattern(ids, tok_ids, [p.key_pos, p.query_pos], types)
+            new_ids.append(ins[:max_length])
+            new_types.append(ins_types[:max_length] if ins_types is not None else None)
+        attacked = Encoded(new_ids, new_types if cls_data.token_type_ids is not None else None, cls_data.labels)
+        before = _accuracy(model, cls_data, pad)
+        after = _accuracy(model, attacked, pad)
+        results.append({**asdict(p), "class_examples": len(idx), "accuracy_before": before, "accuracy_after": after, "drop_points": 100 * (before - after)})
+    return results
