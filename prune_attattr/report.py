@@ -67,8 +67,14 @@ def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
         lines.append(f"{100 * label:6.1f} |{''.join(row)}")
     lines.append(" " * 7 + "+" + "-" * width)
     lines.append(" " * 8 + f"{total} heads kept".ljust(width - 6) + "0")
-    legend = ", ".join(f"{MARKERS.get(m, m[0].upper())}={m}" for m in by_method)
-    lines.append(" " * 8 + legend + ", *=several")
+    items = [f"{MARKERS.get(m, m[0].upper())}={m}" for m in by_method] + ["*=several"]
+    row = ""
+    for item in items:
+        if row and len(row) + len(item) + 2 > width:
+            lines.append(" " * 8 + row.rstrip(", "))
+            row = ""
+        row += item + ", "
+    lines.append(" " * 8 + row.rstrip(", "))
     return "\n".join(lines)
 
 

@@ -121,3 +121,32 @@ def test_pearson():
     a = torch.arange(12.0).view(3, 4)
     assert pearson(a, 2 * a + 1) == pytest.approx(1.0)
     assert pearson(a, -a) == pytest.approx(-1.0)
+
+
+def test_attack_per_class_accuracy_matches_manual(model):
+    from prune_attattr.analyses.triggers import Pattern, attack
+    from prune_attattr.tasks import Encoded
+
+    class Tok:
+        pad_token_id = 0
+
+        def convert_tokens_to_ids(self, toks):
+            return [int(t) for t in toks]
+
+    g = torch.Generator().manual_seed(3)
+    ids = [[101] + torch.randint(5, 100, (n,), generator=g).tolist() + [102] for n in (3, 7, 5, 9, 4, 6)]
+    labels = [0, 1, 2, 0, 1, 2]
+    data = Encoded([[i % 120 for i in x] for x in ids], None, labels)
+    p = Pattern(label=1, key_token="17", query_token="33", key_pos=0.3, query_pos=0.6, count=2, score=1.0, layers={})
+    (res,) = attack(model, Tok(), data, [p], n_classes=3)
+
+    def acc(rows):
+        with torch.no_grad():
+            pred = [int(forward_logits(model, {"input_ids": torch.tensor([r]), "attention_mask": torch.ones(1, len(r), dtype=torch.long)}).argmax()) for r in rows]
+        return [sum(pr == y for pr, y, c in zip(pred, labels, labels) if c == k) / labels.count(k) for k in range(3)]
+
+    attacked = [insert_pattern(r, [17, 33], [0.3, 0.6])[0] for r in data.input_ids]
+    assert res["accuracy_before"] == pytest.approx(acc(data.input_ids))
+    assert res["accuracy_after"] == pytest.approx(acc(attacked))
+    drops = [100 * (b - a) for b, a in zip(res["accuracy_before"], res["accuracy_after"])]
+    assert res["attack_drop_points"] == pytest.approx((drops[0] + drops[2]) / 2)

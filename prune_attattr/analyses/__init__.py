@@ -117,11 +117,11 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
             random.Random(r.seed + 11).shuffle(order)
             src = encode(ctx.tokenizer, train.subset(sorted(order[: a.triggers.examples])), r.model.max_length)
             patterns = extract_patterns(model, ctx.tokenizer, src, steps=a.triggers.steps, quadrature=a.triggers.quadrature, mode=a.triggers.mode, batch_size=r.importance.batch_size, accelerator=ctx.accelerator)
-            results = attack(model, ctx.tokenizer, prep.dev_enc, patterns, top=a.triggers.top, max_length=r.model.max_length)
+            results = attack(model, ctx.tokenizer, prep.dev_enc, patterns, top=a.triggers.top, max_length=r.model.max_length, n_classes=len(ctx.labels))
             for res in results:
                 res["label_name"] = ctx.labels[res["label"]]
-            top3 = [x["drop_points"] for x in results[:3]]
-            result = {"source_examples": len(src), "patterns_found": len(patterns), "attacked": results, "top3_mean_drop_points": sum(top3) / len(top3) if top3 else None}
+            top3 = [x["attack_drop_points"] for x in results[:3]]
+            result = {"source_examples": len(src), "patterns_found": len(patterns), "labels": ctx.labels, "attacked": results, "top3_mean_drop_points": sum(top3) / len(top3) if top3 else None}
             if main and out_dir is not None:
                 _write(out_dir / "triggers.json", result)
             summary["triggers"] = result
@@ -154,14 +154,17 @@ def markdown_section(summary: dict) -> list[str]:
     trig = summary.get("triggers")
     if trig:
         lines += [f"### Adversarial triggers ({trig['source_examples']} source examples, {trig['patterns_found']} patterns)", ""]
-        lines.append("| # | class | pattern (key -> query) | rel. positions | count | class examples | accuracy before | after | drop (points) |")
-        lines.append("| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        labels = trig["labels"]
+        lines.append("Each pattern comes from examples of one class and is inserted into every dev example; the attacked classes are the others.")
+        lines.append("")
+        lines.append("| # | from class | pattern (key -> query) | rel. positions | count | " + " | ".join(f"acc. {c}: before -> after" for c in labels) + " | drop on other classes (points) |")
+        lines.append("| ---: | --- | --- | --- | ---: | " + " | ".join("---:" for _ in labels) + " | ---: |")
         for i, x in enumerate(trig["attacked"], 1):
+            cells = " | ".join(f"{100 * b:.1f} -> {100 * a:.1f}" for b, a in zip(x["accuracy_before"], x["accuracy_after"]))
             lines.append(
-                f"| {i} | {x['label_name']} | `{x['key_token']}` -> `{x['query_token']}` | {x['key_pos']:.2f}, {x['query_pos']:.2f} | {x['count']} | "
-                f"{x['class_examples']} | {100 * x['accuracy_before']:.1f} | {100 * x['accuracy_after']:.1f} | {x['drop_points']:.1f} |"
+                f"| {i} | {x['label_name']} | `{x['key_token']}` -> `{x['query_token']}` | {x['key_pos']:.2f}, {x['query_pos']:.2f} | {x['count']} | {cells} | {x['attack_drop_points']:.1f} |"
             )
         if trig["top3_mean_drop_points"] is not None:
-            lines += ["", f"Mean accuracy drop of the top 3 patterns: {trig['top3_mean_drop_points']:.1f} points."]
+            lines += ["", f"Mean accuracy drop of the top 3 patterns on the classes they attack: {trig['top3_mean_drop_points']:.1f} points."]
         lines.append("")
     return lines

@@ -117,36 +117,46 @@ def insert_pattern(
 
 
 @torch.no_grad()
-def _accuracy(model, data: Encoded, pad_id: int, batch_size: int = 64) -> float:
-    if len(data) == 0:
-        return float("nan")
-    hits = []
-    for batch in make_dataloader(data, batch_size=batch_size, pad_id=pad_id):
-        hits.append((forward_logits(model, batch).argmax(-1) == batch["labels"]).float())
-    return float(torch.cat(hits).mean())
+def _correct(model, data: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """``[N]`` bool: prediction == label, in ``data`` order."""
+    loader = make_dataloader(data, batch_size=batch_size, pad_id=pad_id)
+    order = [i for batch_idx in loader.batch_sampler for i in batch_idx]
+    hits = torch.cat([forward_logits(model, b).argmax(-1).cpu() == b["labels"] for b in loader])
+    out = torch.zeros(len(data), dtype=torch.bool)
+    out[torch.tensor(order)] = hits
+    return out
 
 
-def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int = 10, max_length: int = 128) -> list[dict]:
-    """Insert each of the ``top`` patterns into the dev examples of its class; accuracy before/after.
+def _per_class(correct: torch.Tensor, labels: list[int], n_classes: int) -> list[float]:
+    y = torch.tensor(labels)
+    return [float(correct[y == c].float().mean()) if (y == c).any() else float("nan") for c in range(n_classes)]
+
+
+def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int = 10, max_length: int = 128, n_classes: int | None = None) -> list[dict]:
+    """Insert each of the ``top`` patterns into every dev example; per-class accuracy before and after.
+
+    A pattern extracted from examples of class c pushes the model towards c, so the attacked classes
+    are the others: ``attack_drop_points`` is the mean accuracy drop over the classes other than c.
 
     Returns:
-        One dict per pattern: the pattern, ``class_examples``, ``accuracy_before``, ``accuracy_after``
-        (fractions) and ``drop_points`` (percentage points).
+        One dict per pattern: the pattern, ``accuracy_before`` / ``accuracy_after`` (per class,
+        fractions), ``drop_points`` (per class, percentage points) and ``attack_drop_points``.
     """
     pad = tokenizer.pad_token_id or 0
+    n_classes = n_classes or (max(dev.labels) + 1)
+    before = _per_class(_correct(model, dev, pad), dev.labels, n_classes)
     results = []
     for p in progress(patterns[:top], "trigger attack"):
-        idx = [i for i, y in enumerate(dev.labels) if y == p.label]
-        cls_data = dev.subset(idx)
         tok_ids = tokenizer.convert_tokens_to_ids([p.key_token, p.query_token])
         new_ids, new_types = [], []
-        for i, ids in enumerate(cls_data.input_ids):
-            types = cls_data.token_type_ids[i] if cls_data.token_type_ids is not None else None
+        for i, ids in enumerate(dev.input_ids):
+            types = dev.token_type_ids[i] if dev.token_type_ids is not None else None
             ins, ins_types = insert_pattern(ids, tok_ids, [p.key_pos, p.query_pos], types)
             new_ids.append(ins[:max_length])
             new_types.append(ins_types[:max_length] if ins_types is not None else None)
-        attacked = Encoded(new_ids, new_types if cls_data.token_type_ids is not None else None, cls_data.labels)
-        before = _accuracy(model, cls_data, pad)
-        after = _accuracy(model, attacked, pad)
-        results.append({**asdict(p), "class_examples": len(idx), "accuracy_before": before, "accuracy_after": after, "drop_points": 100 * (before - after)})
+        attacked = Encoded(new_ids, new_types if dev.token_type_ids is not None else None, dev.labels)
+        after = _per_class(_correct(model, attacked, pad), dev.labels, n_classes)
+        drops = [100 * (b - a) for b, a in zip(before, after)]
+        others = [d for c, d in enumerate(drops) if c != p.label]
+        results.append({**asdict(p), "accuracy_before": before, "accuracy_after": after, "drop_points": drops, "attack_drop_points": sum(others) / len(others) if others else float("nan")})
     return results
