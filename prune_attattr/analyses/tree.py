@@ -162,8 +162,8 @@ def draw_tree(tree: AttributionTree, path: Path) -> None:
 
     n = len(tree.tokens)
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 1), 0.45 * tree.num_layers + 2.5), dpi=130)
-    for t, layer in tree.joined.items():
-        ax.plot([t, t], [layer, tree.num_layers], color="0.85", lw=1, zorder=0)
+    for t, layer in tree.joined.items():  # a token's representation exists from the input up to where it joins
+        ax.plot([t, t], [0, layer], color="0.85", lw=1, zorder=0)
     for e in tree.edges:
         ax.annotate("", xy=(e.query, e.layer + 1), xytext=(e.key, e.layer), arrowprops=dict(arrowstyle="->", color=plt.cm.viridis(min(1.0, e.score)), lw=1 + 2 * e.score))
         ax.text((e.query + e.key) / 2, e.layer + 0.5, f"{e.score:.2f}", fontsize=7, ha="center", color="0.3")
