@@ -109,7 +109,7 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
             summary["universality"] = {"examples": result["examples"], "pearson": result["pearson"]}
 
     if a.triggers.enabled:
-        from .triggers import attack, extract_patterns
+        from .triggers import attack, extract_patterns, plot_triggers
 
         with ctx.stage("analysis: adversarial triggers"):
             train, _, _, _ = load_task_data(r)
@@ -124,6 +124,7 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
             result = {"source_examples": len(src), "patterns_found": len(patterns), "labels": ctx.labels, "attacked": results, "top3_mean_drop_points": sum(top3) / len(top3) if top3 else None}
             if main and out_dir is not None:
                 _write(out_dir / "triggers.json", result)
+                plot_triggers(result, out_dir / "triggers.png")
             summary["triggers"] = result
     return summary
 
@@ -153,7 +154,7 @@ def markdown_section(summary: dict) -> list[str]:
         lines.append("")
     trig = summary.get("triggers")
     if trig:
-        lines += [f"### Adversarial triggers ({trig['source_examples']} source examples, {trig['patterns_found']} patterns)", ""]
+        lines += [f"### Adversarial triggers ({trig['source_examples']} source examples, {trig['patterns_found']} patterns)", "", "![triggers](analyses/triggers.png)", ""]
         labels = trig["labels"]
         lines.append("Each pattern comes from examples of one class and is inserted into every dev example; the attacked classes are the others.")
         lines.append("")

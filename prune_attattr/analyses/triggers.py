@@ -160,3 +160,34 @@ def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int 
         others = [d for c, d in enumerate(drops) if c != p.label]
         results.append({**asdict(p), "accuracy_before": before, "accuracy_after": after, "drop_points": drops, "attack_drop_points": sum(others) / len(others) if others else float("nan")})
     return results
+
+
+def plot_triggers(result: dict, path) -> None:
+    """PNG: per pattern, the accuracy of every class before and after insertion (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attacked, labels = result["attacked"], result["labels"]
+    if not attacked:
+        return
+    x = np.arange(len(attacked))
+    width = 0.8 / (2 * len(labels))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(attacked) + 2), 4.2), dpi=120)
+    for c, name in enumerate(labels):
+        before = [100 * a["accuracy_before"][c] for a in attacked]
+        after = [100 * a["accuracy_after"][c] for a in attacked]
+        ax.bar(x + (2 * c) * width, before, width, color=plt.cm.tab10(c), alpha=0.35, label=f"{name}: before")
+        ax.bar(x + (2 * c + 1) * width, after, width, color=plt.cm.tab10(c), label=f"{name}: after")
+    ax.set_xticks(x + width * (len(labels) - 0.5))
+    ax.set_xticklabels([f"{a['key_token']}->{a['query_token']}\n(from {a['label_name']})" for a in attacked], fontsize=7, rotation=30)
+    ax.set_ylabel("accuracy per class (%)")
+    mean = result.get("top3_mean_drop_points")
+    ax.set_title("adversarial triggers: accuracy before/after inserting each pattern" + (f" (top-3 mean drop {mean:.1f} points)" if mean is not None else ""), fontsize=9)
+    ax.legend(fontsize=7, ncol=len(labels))
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
