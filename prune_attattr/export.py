@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import PRUNED_HEADS_KEY, forward_logits, load_classifier
+from .models import PRUNED_HEADS_KEY, forward_logits
 from .pruning import prune_heads
 
 __all__ = ["save_pruned", "load_pruned", "export_onnx", "check_onnx", "onnx_latency"]
@@ -170,8 +170,3 @@ def onnx_latency(path: str | Path, feeds: dict[str, np.ndarray], repeats: int = 
         sess.run(["logits"], feeds)
         times.append((time.perf_counter() - t) * 1000)
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90))}
-
-
-def reload_classifier(path: str | Path) -> nn.Module:
-    """Alias of :func:`prune_attattr.models.load_classifier` for exported directories."""
-    return load_classifier(path)

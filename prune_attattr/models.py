@@ -35,6 +35,11 @@ __all__ = [
     "embed",
     "classify",
     "run_layers",
+    "values",
+    "layer_from_context",
+    "cls_layer",
+    "logits_from_layer",
+    "forward_logits",
     "frozen",
 ]
 

@@ -28,7 +28,7 @@ from .evaluation import evaluate_model
 from .models import forward_logits, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruning_curve
-from .tasks import GLUE_TASKS, DataError, Encoded, Examples, encode, glue_path, make_dataloader, read_examples
+from .tasks import GLUE_TASKS, Encoded, Examples, encode, glue_path, make_dataloader, read_examples
 
 __all__ = ["RunError", "OutputExists", "load_task_data", "prepare", "Prepared", "run", "RunContext"]
 
@@ -313,7 +313,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         finetune_info, metric_names = prep.finetune_info, ctx.metrics
         with ctx.stage("evaluate unpruned"):
             baseline = evaluate_model(model, dev_loader, accelerator, metric_names, description="dev")
-        ctx.print(f"   unpruned: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in baseline.items() if k != "loss"))
+        ctx.print("   unpruned: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in baseline.items() if k != "loss"))
 
         scores: dict[str, torch.Tensor] = {}
         for method in r.importance.methods:

@@ -1,10 +1,8 @@
 """Analyses: tree construction on hand-made matrices, trigger insertion, connection pruning."""
 
-import copy
 
 import pytest
 import torch
-from conftest import tiny_batch
 
 from prune_attattr import AttentionControl
 from prune_attattr.analyses.effectiveness import connection_masks

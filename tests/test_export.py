@@ -1,6 +1,5 @@
 """Export: reload == original, ONNX == PyTorch on shapes other than the export example's."""
 
-import copy
 
 import numpy as np
 import pytest

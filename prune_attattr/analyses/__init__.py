@@ -14,8 +14,6 @@ import json
 import random
 from pathlib import Path
 
-from ..progress import console
-
 __all__ = ["run_analyses", "markdown_section"]
 
 

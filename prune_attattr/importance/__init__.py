@@ -8,7 +8,7 @@ processes with ``gather_for_metrics`` and summed, so N processes give the scores
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -42,7 +42,7 @@ def _scatter(model: nn.Module, per_layer: dict[int, torch.Tensor], lead: tuple[i
     return out
 
 
-def _sum_gathered(accelerator, per_example: list[torch.Tensor]) -> torch.Tensor:
+def _sum_gathered(per_example: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(per_example).sum(0) if per_example else torch.zeros(0)
 
 
@@ -79,7 +79,7 @@ def attattr_importance(
             per_layer[layer] = attribution_head_scores(attr, batch["attention_mask"])
         scores = _scatter(model, per_layer, (batch["input_ids"].shape[0],)).to(batch["input_ids"].device)
         gathered.append(accelerator.gather_for_metrics(scores).cpu())
-    return _sum_gathered(accelerator, gathered)
+    return _sum_gathered(gathered)
 
 
 def taylor_importance(
@@ -111,7 +111,7 @@ def taylor_importance(
             scores = _scatter(model, per_layer, (bsz,)).to(batch["input_ids"].device)
             gathered.append(accelerator.gather_for_metrics(scores).cpu())
     model.train(was_training)
-    total = _sum_gathered(accelerator, gathered)
+    total = _sum_gathered(gathered)
     if normalize:
         total = total / (total.norm(p=2, dim=-1, keepdim=True) + 1e-20)
     return total
@@ -135,7 +135,7 @@ def accuracy_difference_importance(
     Masking a head of layer l changes nothing below l, so each batch runs the lower layers once and
     all heads of a layer in one forward (one copy of the batch per head), the last layer for [CLS] only.
     """
-    from ..models import embed, logits_from_layer, run_layers
+    from ..models import classify, embed, logits_from_layer, run_layers
 
     primary = metrics[0]
     heads = kept_heads(model)
@@ -158,8 +158,6 @@ def accuracy_difference_importance(
                 logits = logits_from_layer(model, rep_h, rep_m, layer, AttentionControl(head_mask={layer: hm.view(k * bsz, k)}))
                 out[:, layer, hs] = logits.view(k, bsz, -1).transpose(0, 1).float()
             hidden = run_layers(model, hidden, mask, layer, layer + 1)
-        from ..models import classify
-
         base = classify(model, hidden).float()
         base, out, labels = accelerator.gather_for_metrics((base, out, batch["labels"]))
         base_logits.append(base.cpu())
@@ -199,7 +197,7 @@ def attention_importance(
         }
         scores = _scatter(model, per_layer, (batch["input_ids"].shape[0],)).to(batch["input_ids"].device)
         gathered.append(accelerator.gather_for_metrics(scores).cpu())
-    return _sum_gathered(accelerator, gathered)
+    return _sum_gathered(gathered)
 
 
 def random_importance(model: nn.Module, seed: int = 0) -> torch.Tensor:
@@ -212,5 +210,3 @@ def random_importance(model: nn.Module, seed: int = 0) -> torch.Tensor:
         scores[layer, gone] = 0
     return scores
 
-
-ImportanceFn = Callable[..., torch.Tensor]
