@@ -40,6 +40,7 @@ __all__ = [
     "cls_layer",
     "logits_from_layer",
     "forward_logits",
+    "repeat_batch",
     "frozen",
 ]
 
@@ -274,6 +275,13 @@ def classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     if pooler is not None:
         return model.classifier(model.dropout(pooler(hidden)))
     return model.classifier(hidden)
+
+
+def repeat_batch(x: torch.Tensor | None, copies: int) -> torch.Tensor | None:
+    """``copies`` stacked copies of a batch tensor: ``[B, ...] -> [copies * B, ...]`` (copy-major); None stays None."""
+    if x is None:
+        return None
+    return x.unsqueeze(0).expand(copies, *x.shape).reshape(copies * x.shape[0], *x.shape[1:])
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], control: AttentionControl | None = None):

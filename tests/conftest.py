@@ -37,8 +37,10 @@ def tiny_model(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: i
     return cls(config).eval()
 
 
-def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3):
-    """``input_ids``/``attention_mask``/``token_type_ids``/``labels`` with padding in some rows."""
+def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3, kind: str = "bert"):
+    """``input_ids``/``attention_mask``/``token_type_ids``/``labels`` with padding in some rows.
+
+    ``kind="roberta"``: padding uses RoBERTa's pad id 1 and there are no segment ids."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 120, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
@@ -49,12 +51,16 @@ def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3):
     types = torch.zeros_like(ids)
     types[:, seq // 2 :] = 1
     types = types * mask
-    return {
+    out = {
         "input_ids": ids,
         "attention_mask": mask,
         "token_type_ids": types,
         "labels": torch.randint(0, labels, (batch,), generator=g),
     }
+    if kind == "roberta":
+        ids[mask == 0] = 1
+        out.pop("token_type_ids")
+    return out
 
 
 @pytest.fixture

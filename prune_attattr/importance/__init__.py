@@ -135,7 +135,7 @@ def accuracy_difference_importance(
     Masking a head of layer l changes nothing below l, so each batch runs the lower layers once and
     all heads of a layer in one forward (one copy of the batch per head), the last layer for [CLS] only.
     """
-    from ..models import classify, embed, logits_from_layer, run_layers
+    from ..models import classify, embed, logits_from_layer, repeat_batch, run_layers
 
     primary = metrics[0]
     heads = kept_heads(model)
@@ -153,9 +153,8 @@ def accuracy_difference_importance(
                 k = len(hs)
                 hm = torch.ones(k, bsz, k, device=hidden.device)
                 hm[torch.arange(k), :, torch.arange(k)] = 0  # copy i masks head i
-                rep_h = hidden.unsqueeze(0).expand(k, *hidden.shape).reshape(k * bsz, *hidden.shape[1:])
-                rep_m = None if mask is None else mask.unsqueeze(0).expand(k, *mask.shape).reshape(k * bsz, *mask.shape[1:])
-                logits = logits_from_layer(model, rep_h, rep_m, layer, AttentionControl(head_mask={layer: hm.view(k * bsz, k)}))
+                control = AttentionControl(head_mask={layer: hm.view(k * bsz, k)})
+                logits = logits_from_layer(model, repeat_batch(hidden, k), repeat_batch(mask, k), layer, control)
                 out[:, layer, hs] = logits.view(k, bsz, -1).transpose(0, 1).float()
             hidden = run_layers(model, hidden, mask, layer, layer + 1)
         base = classify(model, hidden).float()

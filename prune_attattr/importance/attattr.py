@@ -99,6 +99,7 @@ def _fast(model, batch, steps, target, layers, quadrature, chunk_size) -> Iterat
       gradients.
     """
     from ..models import layer_from_context, logits_from_layer, values
+    from ..models import repeat_batch as rep
 
     alphas, weights = quadrature_nodes(steps, quadrature)
     enc_layers = encoder_layers(model)
@@ -113,9 +114,6 @@ def _fast(model, batch, steps, target, layers, quadrature, chunk_size) -> Iterat
         tgt = _targets(logits, batch, target)
     bsz = hidden.shape[0]
     per_chunk = max(1, chunk_size // bsz)
-
-    def rep(x: torch.Tensor | None, k: int) -> torch.Tensor | None:
-        return None if x is None else x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
 
     for layer in layers:
         probs = control.recorded.get(layer)
