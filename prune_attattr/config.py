@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .importance import METHODS
+from .registry import METHODS
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides"]
 

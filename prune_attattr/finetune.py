@@ -1,8 +1,10 @@
 """Full fine-tuning of the classifier with Accelerate (AdamW, linear schedule with warm-up), cached.
 
-The cache key is a hash of everything that determines the result: the base model's files, the
-training examples (their token ids and labels), the hyper-parameters, the seed and this module's
-version. A second run with the same key loads the saved model instead of training.
+The cache key is a hash of everything that determines the result: the base model's files (their
+bytes, :func:`prune_attattr.cache.model_fingerprint`), the training examples (their token ids and
+labels), the hyper-parameters, the seed and this module's version. The entry is written to a temporary
+folder, completed with a marker listing every file, and renamed into place; a second run with the same
+key loads the saved model instead of training, but only when the marker says the entry is complete.
 """
 
 from __future__ import annotations
@@ -17,41 +19,21 @@ from pathlib import Path
 
 import torch
 
+from .cache import cache_root, entry_complete, model_fingerprint, write_complete_marker
 from .models import load_classifier
 from .progress import progress
 from .tasks import Encoded, make_dataloader
 
-FINETUNE_VERSION = 1
+FINETUNE_VERSION = 2  # 2: key on the weights' bytes (1 hashed their sizes)
 
 __all__ = ["cache_root", "finetune_key", "finetune"]
 
 
-def cache_root(configured: str | None = None) -> Path:
-    """Cache folder: ``configured``, else ``$XDG_CACHE_HOME/prune-attattr``, else ``~/.cache/prune-attattr``."""
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "prune-attattr"
-
-
-def _model_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        f = path / name
-        if f.is_file() and (name.endswith(".json") or name.endswith(".safetensors") or name.endswith(".bin")):
-            h.update(name.encode())
-            if name.endswith(".json"):
-                h.update(f.read_bytes())
-            else:
-                h.update(str(f.stat().st_size).encode())
-    return h.hexdigest()
-
-
 def finetune_key(model_path: Path, train: Encoded, settings: dict, labels: list[str], seed: int) -> str:
-    """Hex key (16 chars) of what determines a fine-tuning result."""
+    """Hex key (16 chars) of what determines a fine-tuning result (the model folder is hashed by content)."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": FINETUNE_VERSION, "settings": settings, "labels": labels, "seed": seed}, sort_keys=True).encode())
-    h.update(_model_fingerprint(model_path).encode())
+    h.update(model_fingerprint(model_path).encode())
     for ids, y in zip(train.input_ids, train.labels):
         h.update(bytes(str(y), "ascii") + b":" + ",".join(map(str, ids)).encode() + b";")
     return h.hexdigest()[:16]
@@ -75,6 +57,7 @@ def finetune(
     settings,
     seed: int,
     accelerator,
+    use_cache: bool = True,
 ) -> tuple[Path, dict]:
     """Fine-tune ``model_path`` on ``train`` (or reuse the cached result).
 
@@ -86,6 +69,7 @@ def finetune(
         settings: :class:`prune_attattr.config.FinetuneSettings`.
         seed: seeds the data order and the classifier's initialisation.
         accelerator: an ``accelerate.Accelerator``.
+        use_cache: False: train even when a cached entry exists (the new result replaces it).
 
     Returns:
         ``(directory of the fine-tuned model, info dict with key, seconds, cached)``.
@@ -94,10 +78,13 @@ def finetune(
     from transformers import get_linear_schedule_with_warmup
 
     hp = settings.model_dump(exclude={"cache_dir", "enabled", "train_examples"})
-    key = finetune_key(model_path, train, hp, list(id2label.values()), seed)
+    # the process count sets the effective batch (batch_size per process) and precision changes the
+    # result: both are part of the key, not of the reported hyper-parameters
+    run_shape = {"processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
+    key = finetune_key(model_path, train, {**hp, **run_shape}, list(id2label.values()), seed)
     out_dir = cache_root(settings.cache_dir) / "finetuned" / key
     info_file = out_dir / "finetune.json"
-    if info_file.is_file():
+    if use_cache and entry_complete(out_dir, required=("finetune.json", "config.json")):
         info = json.loads(info_file.read_text())
         info["cached"] = True
         return out_dir, info
@@ -135,6 +122,7 @@ def finetune(
             model_to_save.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "finetune.json").write_text(json.dumps(info, indent=2))
+            write_complete_marker(tmp)  # last: an entry without it is never reused
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)

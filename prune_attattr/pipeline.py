@@ -1,8 +1,22 @@
 """The main job: fine-tune, score heads, prune incrementally, report, export (one Accelerate pipeline).
 
-``run(recipe)`` is what ``prune-attattr recipe.yaml`` calls. Outputs go to a temporary folder next
-to ``<output_dir>/<run_name>`` and are renamed into place only when every stage succeeded, so a
-failure or Ctrl-C leaves no half-written export.
+``run(recipe)`` is what ``prune-attattr recipe.yaml`` calls. It composes one function per stage:
+
+    load (data, tokenizer, model; :func:`check_run`; fine-tune)  -> :func:`prepare`
+    evaluate the unpruned model                                   -> :func:`evaluate_unpruned`
+    head importance, one method at a time                         -> :func:`importance_stage`
+    pruning curves                                                -> :func:`curves_stage`
+    export: choose the step and prune (every process)             -> :func:`choose_export`
+            save, reload check, ONNX, latency (main process)      -> :func:`save_export`
+    analyses                                                      -> :func:`analyses_stage`
+    report and atomic write                                       -> :func:`build_report`, :func:`write_outputs`
+
+Outputs go to a temporary folder next to ``<output_dir>/<run_name>`` and are renamed into place only
+when every stage succeeded, so a failure, Ctrl-C or SIGTERM leaves no half-written export.
+
+Each method's importance scores and each evaluated pruning step are cached on disk (keyed on the
+model's bytes, the tokenised examples, the settings and the seed; see :mod:`prune_attattr.cache`),
+so a re-run after an interruption resumes where it stopped; the report lists the reused stages.
 """
 
 from __future__ import annotations
@@ -23,50 +37,41 @@ import torch
 import yaml
 
 from . import importance as imp
+from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerprint
 from .config import Recipe
+from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
 from .models import forward_logits, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
-from .pruning import count_parameters, heads_to_prune, prune_heads, pruning_curve
-from .tasks import GLUE_TASKS, Encoded, Examples, encode, glue_path, make_dataloader, read_examples
+from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
+from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader
 
-__all__ = ["RunError", "OutputExists", "load_task_data", "prepare", "Prepared", "run", "RunContext"]
+__all__ = [
+    "RunError",
+    "OutputExists",
+    "load_task_data",
+    "RunContext",
+    "Prepared",
+    "ExportChoice",
+    "prepare",
+    "check_run",
+    "evaluate_unpruned",
+    "importance_stage",
+    "curves_stage",
+    "choose_export",
+    "save_export",
+    "analyses_stage",
+    "build_report",
+    "write_outputs",
+    "run",
+]
 
-
-class RunError(RuntimeError):
-    """A run that cannot go on (message says why and what to do)."""
-
-
-class OutputExists(RunError):
-    """The run's output folder exists and ``force`` was not given."""
-
-
-def load_task_data(recipe: Recipe) -> tuple[Examples | None, Examples, list[str], list[str]]:
-    """``(train or None, dev, labels, metric names)`` for the recipe's task.
-
-    Raises:
-        DataError: missing file, column or undeclared label.
-    """
-    d = recipe.data
-    if d.task == "custom":
-        kw = dict(text_column=d.text_column, text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
-        train = read_examples(d.train_file, **kw) if d.train_file else None
-        dev = read_examples(d.dev_file, **kw)
-        labels, metrics = list(d.labels), list(d.metrics or ["accuracy"])
-    else:
-        spec = GLUE_TASKS[d.task]
-        kw = dict(text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column, labels=spec.labels)
-        train = read_examples(glue_path(spec.train_file), **kw) if spec.train_file else None
-        dev = read_examples(glue_path(spec.dev_file), **kw)
-        labels, metrics = list(spec.labels), list(d.metrics or spec.metrics)
-    if d.dev_limit:
-        dev = dev.subset(range(min(d.dev_limit, len(dev))))
-    return train, dev, labels, metrics
+STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores or metrics
 
 
 @dataclass
 class RunContext:
-    """What the stages share: the accelerator, tokenizer, data and timings."""
+    """What the stages share: the accelerator, tokenizer, labels, timings, the stage cache and what it reused."""
 
     recipe: Recipe
     accelerator: object
@@ -76,6 +81,8 @@ class RunContext:
     labels: list[str]
     timings: dict[str, float] = field(default_factory=dict)
     quiet: bool = False
+    cache: StageCache | None = None
+    reused: list[str] = field(default_factory=list)
 
     def print(self, *args, **kwargs):
         if self.accelerator.is_main_process and not self.quiet:
@@ -91,6 +98,25 @@ class RunContext:
 
     def loader(self, data: Encoded, batch_size: int):
         return self.accelerator.prepare(make_dataloader(data, batch_size=batch_size, pad_id=self.pad_id))
+
+    def agree(self, value):
+        """The main process's ``value``, on every process (so all take the same branch)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def cached(self, key: str):
+        """The stage cache's value for ``key`` as the main process reads it (None: compute)."""
+        value = self.cache.get(key) if self.cache is not None and self.accelerator.is_main_process else None
+        return self.agree(value)
+
+    def store(self, key: str, value) -> None:
+        if self.cache is not None and self.accelerator.is_main_process:
+            self.cache.put(key, value)
 
 
 def _split_train(recipe: Recipe, train: Examples | None, dev: Examples):
@@ -121,9 +147,38 @@ def _split_train(recipe: Recipe, train: Examples | None, dev: Examples):
     return imp_examples, ft
 
 
+def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels: list[str]) -> None:
+    """Every check that needs the loaded model (or the data), made before any long stage.
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count; ``pruning.step_fraction`` that removes
+            zero heads per step; an analysis whose input is missing (triggers without a training
+            split, universality sets without a split or with labels the model does not have).
+    """
+    r = recipe
+    total = num_heads_total(model)
+    if r.export.enabled and r.export.heads is not None and r.export.heads > total:
+        raise RunError(f"export.heads {r.export.heads} exceeds the model's {total} heads; use at most {total}")
+    if r.pruning.enabled and int(round(r.pruning.step_fraction * total)) == 0:
+        raise RunError(
+            f"pruning.step_fraction {r.pruning.step_fraction:g} removes 0 of the model's {total} heads per step "
+            f"(rounds to zero); use at least {1 / total:.4g} (one head per step)"
+        )
+    a = r.analyses
+    if a.triggers.enabled and not has_train:
+        raise RunError("analyses.triggers extracts patterns from training examples; give data.train_file or disable it")
+    if a.universality.enabled:
+        from .analyses import check_universality_sets
+
+        check_universality_sets(r, labels)
+
+
 @dataclass
 class Prepared:
-    """A fine-tuned model with its data, ready for importance, pruning or analyses."""
+    """A fine-tuned model with its data, ready for importance, pruning or analyses.
+
+    ``model_key``: digest of the model's bytes and labels (and seed when the classifier head was
+    initialised at random), the root of every stage-cache key."""
 
     ctx: RunContext
     model: torch.nn.Module
@@ -133,10 +188,15 @@ class Prepared:
     dev_loader: object
     imp_loader: object
     finetune_info: dict | None
+    model_key: str = ""
 
 
-def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False) -> Prepared:
-    """Load data and model, fine-tune (or reuse the cached fine-tuned model), build the dataloaders.
+def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache: bool = True) -> Prepared:
+    """Load data, tokenizer and model, run :func:`check_run`, fine-tune (or reuse the cached fine-tuned
+    model), build the dataloaders.
+
+    Args:
+        use_cache: False: ignore cached fine-tuned models and stage results (new results are still stored).
 
     Raises:
         RunError, DataError, prune_attattr.models.ModelError: bad input.
@@ -155,36 +215,47 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False) -> Prepare
     train, dev, labels, metric_names = load_task_data(r)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet)
+    root = cache_root(r.finetune.cache_dir)
+    ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet, cache=StageCache(root, enabled=use_cache))
     imp_examples, ft_examples = _split_train(r, train, dev)
     id2label = dict(enumerate(labels))
+    # the model as the run will see it (fine-tuning keeps its architecture): checks before any long stage
+    model = load_classifier(model_path, id2label=id2label)
+    if model.config.num_labels != len(labels):
+        raise RunError(
+            f"model.path {model_path} has {model.config.num_labels} labels but the task has {len(labels)}; "
+            "fine-tune it (finetune.enabled true) or pick a matching model"
+        )
+    check_run(r, model, has_train=train is not None, labels=labels)
     with ctx.stage("tokenize"):
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
         ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
     finetune_info = None
+    model_dir = model_path
     if ft_enc is not None:
         from .finetune import finetune
 
+        del model
         with ctx.stage("fine-tune"):
             model_dir, finetune_info = finetune(
-                model_path, tokenizer, ft_enc, id2label=id2label, settings=r.finetune, seed=r.seed, accelerator=accelerator
+                model_path, tokenizer, ft_enc, id2label=id2label, settings=r.finetune, seed=r.seed,
+                accelerator=accelerator, use_cache=use_cache,
             )
+        if finetune_info["cached"]:
+            ctx.reused.append("fine-tune")
         ctx.print(
             f"   fine-tuned model {'reused from cache' if finetune_info['cached'] else 'trained'}: {model_dir}"
             + ("" if finetune_info["cached"] else f" ({len(ft_enc)} examples)")
         )
-    else:
-        model_dir = model_path
-    model = load_classifier(model_dir, id2label=None if ft_enc is not None else id2label).to(accelerator.device)
-    if model.config.num_labels != len(labels):
-        raise RunError(
-            f"model.path {model_dir} has {model.config.num_labels} labels but the task has {len(labels)}; "
-            "fine-tune it (finetune.enabled true) or pick a matching model"
-        )
+        model = load_classifier(model_dir)
+    model = model.to(accelerator.device)
+    fingerprint = ctx.agree(model_fingerprint(model_dir) if accelerator.is_main_process else None)
+    # a classifier head initialised at random (no fine-tuning, base model without one) depends on the seed
+    model_key = digest("model", fingerprint, labels, None if ft_enc is not None else r.seed)
     dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
     imp_loader = ctx.loader(imp_enc, r.importance.batch_size)
-    return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info)
+    return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info, model_key)
 
 
 def _importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
@@ -205,6 +276,108 @@ def _importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
     raise RunError(f"unknown method {method}")
 
 
+def _pruned_key(model) -> list:
+    return sorted((int(k), sorted(v)) for k, v in pruned_heads_of(model).items() if v)
+
+
+def _importance_key(prep: Prepared, method: str, model) -> str:
+    r = prep.ctx.recipe
+    settings = {"batch_size": r.importance.batch_size, "metrics": prep.ctx.metrics, "seed": r.seed}
+    if method == "attattr":
+        settings["attattr"] = r.importance.attattr.model_dump()
+    return digest("importance", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, _pruned_key(model))
+
+
+def _eval_key(prep: Prepared, model) -> str:
+    r = prep.ctx.recipe
+    settings = {"batch_size": r.pruning.eval_batch_size, "metrics": prep.ctx.metrics}
+    return digest("evaluate", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.dev_enc), settings, _pruned_key(model))
+
+
+def cached_importance(prep: Prepared, method: str, model=None) -> tuple[torch.Tensor, bool]:
+    """``(scores [layers, heads], reused)`` of ``method`` on ``model`` (default: the prepared model),
+    from the stage cache when the same model, examples and settings were scored before."""
+    model = prep.model if model is None else model
+    ctx = prep.ctx
+    key = _importance_key(prep, method, model)
+    hit = ctx.cached(key)
+    if hit is not None:
+        return torch.tensor(hit, dtype=torch.float32), True
+    scores = _importance(method, model, prep.imp_loader, ctx)
+    ctx.store(key, scores.tolist())
+    return scores, False
+
+
+def cached_evaluate(prep: Prepared, model, *, description: str | None = None) -> tuple[dict, bool]:
+    """``(metrics, reused)`` of ``model`` on the dev loader, from the stage cache when possible."""
+    ctx = prep.ctx
+    key = _eval_key(prep, model)
+    hit = ctx.cached(key)
+    if hit is not None:
+        return hit, True
+    metrics = evaluate_model(model, prep.dev_loader, ctx.accelerator, ctx.metrics, description=description)
+    ctx.store(key, metrics)
+    return metrics, False
+
+
+def evaluate_unpruned(prep: Prepared) -> dict:
+    """Metrics of the unpruned model on the dev split (cached)."""
+    ctx = prep.ctx
+    with ctx.stage("evaluate unpruned"):
+        baseline, reused = cached_evaluate(prep, prep.model, description="dev")
+        if reused:
+            ctx.reused.append("evaluate unpruned")
+    ctx.print("   unpruned: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in baseline.items() if k != "loss") + (" (reused)" if reused else ""))
+    return baseline
+
+
+def importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Head importance ``[layers, heads]`` per method of ``importance.methods`` (each cached)."""
+    ctx = prep.ctx
+    scores: dict[str, torch.Tensor] = {}
+    for method in ctx.recipe.importance.methods:
+        name = f"importance: {method}"
+        with ctx.stage(name):
+            scores[method], reused = cached_importance(prep, method)
+        if reused:
+            ctx.reused.append(name)
+            ctx.print("   reused from cache")
+    return scores
+
+
+def curves_stage(prep: Prepared, scores: dict[str, torch.Tensor]) -> dict[str, list]:
+    """One pruning curve per method (:func:`prune_attattr.pruning.pruning_curve`); every evaluated step
+    (and every re-scoring with ``pruning.rescore``) is cached, so an interrupted curve resumes."""
+    ctx, r = prep.ctx, prep.ctx.recipe
+    metric = ctx.metrics[0]
+    curves = {}
+    for method in r.importance.methods if r.pruning.enabled else []:
+        name = f"pruning curve: {method}"
+        counts = {"steps": 0, "reused": 0}
+
+        def evaluate(m, _counts=counts):
+            metrics, reused = cached_evaluate(prep, m)
+            _counts["steps"] += 1
+            _counts["reused"] += reused
+            return metrics
+
+        def rescore(m, _method=method):
+            return cached_importance(prep, _method, m)[0]
+
+        with ctx.stage(name):
+            curves[method] = pruning_curve(
+                prep.model,
+                scores[method],
+                evaluate,
+                step_fraction=r.pruning.step_fraction,
+                rescore_fn=rescore if r.pruning.rescore else None,
+                on_step=lambda s, _m=method: ctx.print(f"   {_m}: {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
+            )
+        if counts["reused"]:
+            ctx.reused.append(f"{name} ({counts['reused']}/{counts['steps']} steps)")
+    return curves
+
+
 def _example_batches(loader_data: Encoded, pad_id: int, batch_size: int, count: int) -> list[dict]:
     dl = make_dataloader(loader_data, batch_size=batch_size, pad_id=pad_id)
     # sorted by length: take batches spread over the range of lengths
@@ -213,14 +386,38 @@ def _example_batches(loader_data: Encoded, pad_id: int, batch_size: int, count: 
     return [batches[i] for i in sorted(set(pick.tolist()))]
 
 
-def _export(ctx: RunContext, model, scores, curves, baseline, dev_enc: Encoded, tmp: Path, dev_loader) -> dict:
-    r = ctx.recipe
-    e = r.export
+@dataclass
+class ExportChoice:
+    """The pruned model chosen for export, with its metrics (the same on every process)."""
+
+    method: str
+    rule: str
+    model: torch.nn.Module
+    pruned_heads: dict[int, list[int]]
+    metrics: dict
+
+    def info(self, total: int) -> dict:
+        return {
+            "method": self.method,
+            "rule": self.rule,
+            "heads_kept": total - sum(len(v) for v in self.pruned_heads.values()),
+            "pruned_heads": {str(k): v for k, v in self.pruned_heads.items()},
+            "metrics": self.metrics,
+            "parameters": count_parameters(self.model),
+        }
+
+
+def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict) -> ExportChoice:
+    """Pick the step to export (``export.heads`` or the most pruned within ``export.max_drop``), prune a
+    copy of the model, and evaluate it when it is not a curve step. Runs on every process (evaluation
+    gathers across processes)."""
+    ctx = prep.ctx
+    e = ctx.recipe.export
     metric = ctx.metrics[0]
-    total = num_heads_total(model)
+    total = num_heads_total(prep.model)
     curve = curves[e.method]
     if e.heads is not None:
-        if e.heads > total:
+        if e.heads > total:  # check_run refused this already; kept for callers that skip it
             raise RunError(f"export.heads {e.heads} exceeds the model's {total} heads")
         step = next((s for s in curve if s.heads_kept == e.heads), None)
         pruned = step.pruned_heads if step else heads_to_prune(scores[e.method], total - e.heads)
@@ -231,39 +428,44 @@ def _export(ctx: RunContext, model, scores, curves, baseline, dev_enc: Encoded, 
         step = min(ok, key=lambda s: s.heads_kept) if ok else curve[0]
         pruned = step.pruned_heads
         rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
-    pruned_model = prune_heads(copy.deepcopy(model), {int(k): v for k, v in pruned.items()})
-    metrics = step.metrics if step is not None else evaluate_model(pruned_model, dev_loader, ctx.accelerator, ctx.metrics)
-    info = {
-        "method": e.method,
-        "rule": rule,
-        "heads_kept": total - sum(len(v) for v in pruned.values()),
-        "pruned_heads": {str(k): v for k, v in pruned.items()},
-        "metrics": metrics,
-        "parameters": count_parameters(pruned_model),
-    }
-    if not ctx.accelerator.is_main_process:
-        return info
+    pruned = {int(k): v for k, v in pruned.items()}
+    pruned_model = prune_heads(copy.deepcopy(prep.model), pruned)
+    metrics = step.metrics if step is not None else cached_evaluate(prep, pruned_model)[0]
+    return ExportChoice(e.method, rule, pruned_model, pruned, metrics)
+
+
+def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
+    """Save the chosen model under ``out`` (main process): checkpoint, reload check, ONNX with its
+    PyTorch check, latency pruned vs unpruned. Returns the report's ``export`` entry.
+
+    Raises:
+        RunError: ONNX logits differ from PyTorch by more than 1e-4.
+    """
     from .export import check_onnx, export_onnx, load_pruned, onnx_latency, save_pruned
 
-    model_dir = save_pruned(pruned_model, tmp / "model", ctx.tokenizer)
+    ctx = prep.ctx
+    e, r = ctx.recipe.export, ctx.recipe
+    info = choice.info(num_heads_total(prep.model))
+    model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer)
     info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
-    checks = _example_batches(dev_enc, ctx.pad_id, 8, 4)
+    checks = _example_batches(prep.dev_enc, ctx.pad_id, 8, 4)
     reloaded = load_pruned(model_dir)
-    cpu_model = pruned_model.cpu()
+    cpu_model = copy.deepcopy(choice.model).cpu()
     with torch.no_grad():
         info["reload_max_abs_diff"] = max(
             float((forward_logits(reloaded, b) - forward_logits(cpu_model, b)).abs().max()) for b in checks
         )
     if e.onnx:
-        onnx_path = export_onnx(cpu_model, tmp / "model.onnx", checks[-1], opset=e.onnx_opset)
+        onnx_path = export_onnx(cpu_model, out / "model.onnx", checks[-1], opset=e.onnx_opset)
         diff = check_onnx(cpu_model, onnx_path, checks)
         if diff > 1e-4:
             raise RunError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-4); the export was not written")
         # latency: pruned vs unpruned on the same inputs
+        dev_enc = prep.dev_enc
         lat_batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), e.latency_batch))), batch_size=e.latency_batch, pad_id=ctx.pad_id)))
         feeds = {k: lat_batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")}
         with tempfile.TemporaryDirectory() as d:
-            base_path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "unpruned.onnx", checks[-1], opset=e.onnx_opset)
+            base_path = export_onnx(copy.deepcopy(prep.model).cpu(), Path(d) / "unpruned.onnx", checks[-1], opset=e.onnx_opset)
             threads = r.runtime.threads or torch.get_num_threads()
             lat_u = onnx_latency(base_path, feeds, e.latency_repeats, threads)
         lat_p = onnx_latency(onnx_path, feeds, e.latency_repeats, threads)
@@ -280,8 +482,83 @@ def _export(ctx: RunContext, model, scores, curves, baseline, dev_enc: Encoded, 
     return info
 
 
-def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None) -> dict:
+def export_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None) -> dict | None:
+    """:func:`choose_export` on every process, then :func:`save_export` on the main process (``tmp``)."""
+    ctx = prep.ctx
+    with ctx.stage("export"):
+        choice = choose_export(prep, scores, curves, baseline)
+        if ctx.accelerator.is_main_process:
+            return save_export(prep, choice, tmp)
+        return choice.info(num_heads_total(prep.model))
+
+
+def analyses_stage(prep: Prepared, tmp: Path | None) -> dict:
+    """The analyses the recipe enables (files under ``tmp/analyses`` on the main process)."""
+    a = prep.ctx.recipe.analyses
+    if not (a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.universality.enabled):
+        return {}
+    from .analyses import run_analyses
+
+    return run_analyses(prep, tmp / "analyses" if tmp is not None else None)
+
+
+def build_report(prep: Prepared, baseline: dict, scores: dict, curves: dict, export_info: dict | None, analyses: dict, resolved: dict) -> dict:
+    """The report dict (written as ``report.json``)."""
+    ctx, r = prep.ctx, prep.ctx.recipe
+    return {
+        "run_name": r.run_name,
+        "model": str(r.model.path),
+        "model_short": Path(str(prep.model_path)).name if r.model.path != "embedded" else "embedded MiniLM-L6",
+        "task": r.data.task,
+        "primary_metric": ctx.metrics[0],
+        "eval_split": "dev",
+        "eval_examples": len(prep.dev_enc),
+        "importance_examples": len(prep.imp_enc),
+        "importance_source": r.importance.source,
+        "total_heads": num_heads_total(prep.model),
+        "processes": ctx.accelerator.num_processes,
+        "baseline": baseline,
+        "baseline_parameters": count_parameters(prep.model),
+        "finetune": prep.finetune_info,
+        "timings": ctx.timings,
+        "reused": list(ctx.reused),
+        "curves": {m: [s.to_dict() for s in c] for m, c in curves.items()},
+        "importance": {m: s.tolist() for m, s in scores.items()},
+        "export": export_info,
+        "analyses": analyses,
+        "recipe": resolved,
+    }
+
+
+def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | None = None) -> None:
+    """Write recipe, importance, plot, Markdown and JSON into ``tmp``, then rename it to ``final`` (main process)."""
+    from .report import print_report, write_json, write_markdown, write_plot
+
+    resolved, curves = report["recipe"], report["curves"]
+    (tmp / "recipe.yaml").write_text(
+        (f"# resolved from {recipe_source}\n" if recipe_source else "") + yaml.safe_dump(resolved, sort_keys=False)
+    )
+    (tmp / "importance.json").write_text(json.dumps(report["importance"], indent=1) + "\n")
+    if curves:
+        write_plot(report, tmp / "curves.png")
+    write_markdown(report, tmp / "report.md", "curves.png" if curves else None)
+    write_json(report, tmp / "report.json")
+    if curves:
+        print_report(report, console())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None, use_cache: bool = True) -> dict:
     """Run every stage of ``recipe`` and return the report dict (also written to ``report.json``).
+
+    Args:
+        use_cache: False (``--no-cache``): recompute the fine-tuning and every stage (results are still
+            stored for the next run).
 
     Raises:
         OutputExists: ``<output_dir>/<run_name>`` exists and ``force`` is False.
@@ -307,89 +584,19 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{r.run_name}.tmp-", dir=final.parent))
     try:
-        prep = prepare(r, accelerator)
-        ctx, model, model_path = prep.ctx, prep.model, prep.model_path
-        dev_enc, imp_enc, dev_loader, imp_loader = prep.dev_enc, prep.imp_enc, prep.dev_loader, prep.imp_loader
-        finetune_info, metric_names = prep.finetune_info, ctx.metrics
-        with ctx.stage("evaluate unpruned"):
-            baseline = evaluate_model(model, dev_loader, accelerator, metric_names, description="dev")
-        ctx.print("   unpruned: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in baseline.items() if k != "loss"))
-
-        scores: dict[str, torch.Tensor] = {}
-        for method in r.importance.methods:
-            with ctx.stage(f"importance: {method}"):
-                scores[method] = _importance(method, model, imp_loader, ctx)
-
-        curves = {}
-        for method in r.importance.methods if r.pruning.enabled else []:
-            with ctx.stage(f"pruning curve: {method}"):
-                rescore = (lambda m, _method=method: _importance(_method, m, imp_loader, ctx)) if r.pruning.rescore else None
-                curves[method] = pruning_curve(
-                    model,
-                    scores[method],
-                    lambda m: evaluate_model(m, dev_loader, accelerator, metric_names),
-                    step_fraction=r.pruning.step_fraction,
-                    rescore_fn=rescore,
-                    on_step=lambda s, _m=method: ctx.print(
-                        f"   {_m}: {s.heads_kept:3d} heads kept -> {metric_names[0]} {100 * s.metrics[metric_names[0]]:.2f}%"
-                    ),
-                )
-
-        export_info = None
-        if r.export.enabled:
-            with ctx.stage("export"):
-                export_info = _export(ctx, model, scores, curves, baseline, dev_enc, tmp, dev_loader) if accelerator.is_main_process else None
-
-        analyses = {}
-        a = r.analyses
-        if a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.universality.enabled:
-            from .analyses import run_analyses
-
-            analyses = run_analyses(prep, tmp / "analyses" if tmp is not None else None)
-
-        report = {
-            "run_name": r.run_name,
-            "model": str(r.model.path),
-            "model_short": Path(str(model_path)).name if r.model.path != "embedded" else "embedded MiniLM-L6",
-            "task": r.data.task,
-            "primary_metric": metric_names[0],
-            "eval_split": "dev",
-            "eval_examples": len(dev_enc),
-            "importance_examples": len(imp_enc),
-            "importance_source": r.importance.source,
-            "total_heads": num_heads_total(model),
-            "processes": accelerator.num_processes,
-            "baseline": baseline,
-            "baseline_parameters": count_parameters(model),
-            "finetune": finetune_info,
-            "timings": ctx.timings,
-            "curves": {m: [s.to_dict() for s in c] for m, c in curves.items()},
-            "importance": {m: s.tolist() for m, s in scores.items()},
-            "export": export_info,
-            "analyses": analyses,
-            "recipe": resolved,
-        }
+        prep = prepare(r, accelerator, use_cache=use_cache)
+        baseline = evaluate_unpruned(prep)
+        scores = importance_stage(prep)
+        curves = curves_stage(prep, scores)
+        export_info = export_stage(prep, scores, curves, baseline, tmp) if r.export.enabled else None
+        analyses = analyses_stage(prep, tmp)
+        report = build_report(prep, baseline, scores, curves, export_info, analyses, resolved)
+        if prep.ctx.reused:
+            prep.ctx.print("reused from cache: " + ", ".join(prep.ctx.reused))
         if accelerator.is_main_process:
-            from .report import print_report, write_json, write_markdown, write_plot
-
-            (tmp / "recipe.yaml").write_text(
-                (f"# resolved from {recipe_source}\n" if recipe_source else "") + yaml.safe_dump(resolved, sort_keys=False)
-            )
-            (tmp / "importance.json").write_text(json.dumps({m: s.tolist() for m, s in scores.items()}, indent=1) + "\n")
-            if curves:
-                write_plot(report, tmp / "curves.png")
-            write_markdown(report, tmp / "report.md", "curves.png" if curves else None)
-            write_json(report, tmp / "report.json")
-            if curves:
-                print_report(report, console())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            write_outputs(report, tmp, final, recipe_source=recipe_source)
             tmp = None
-            ctx.print(f"[bold green]wrote {final}/[/]: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir())))
+            prep.ctx.print(f"[bold green]wrote {final}/[/]: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in final.iterdir())))
         accelerator.wait_for_everyone()
         return report
     finally:

@@ -15,8 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the recipe type only; tasks.py stays below config in the layering
+    from .config import Recipe
 
 __all__ = [
     "TaskSpec",
@@ -28,6 +32,7 @@ __all__ = [
     "encode",
     "Encoded",
     "make_dataloader",
+    "load_task_data",
 ]
 
 
@@ -77,6 +82,7 @@ class Examples:
     pairs: list[str] | None
     labels: list[int]
     source: str = ""
+    rows: list[int] | None = None  # line/row number of each example in ``source`` (for error messages)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -87,10 +93,17 @@ class Examples:
             [self.pairs[i] for i in indices] if self.pairs is not None else None,
             [self.labels[i] for i in indices],
             self.source,
+            [self.rows[i] for i in indices] if self.rows is not None else None,
         )
 
+    def where(self, i: int) -> str:
+        """``"<file> row N"`` (or ``"example i"``) of example ``i``, for error messages."""
+        place = f"row {self.rows[i]}" if self.rows is not None else f"example {i}"
+        return f"{self.source or 'data'} {place}"
 
-def _rows(path: Path) -> list[dict[str, str]]:
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """``(row number, {column: value})`` per record; JSONL values keep their JSON type, TSV/CSV values are str."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -98,9 +111,12 @@ def _rows(path: Path) -> list[dict[str, str]]:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append({k: "" if v is None else str(v) for k, v in json.loads(line).items()})
+                        record = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{path}: line {n} is not valid JSON ({exc.msg})") from exc
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}: line {n} is not a JSON object")
+                    rows.append((n, record))
         return rows
     if suffix in (".tsv", ".csv"):
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -108,7 +124,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
                 reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             else:
                 reader = csv.DictReader(f)
-            return [dict(r) for r in reader]
+            return [(n, dict(r)) for n, r in enumerate(reader, 2)]
     raise DataError(f"{path}: unsupported file type '{suffix}'; use .tsv, .csv or .jsonl")
 
 
@@ -123,7 +139,8 @@ def read_examples(
     """Read a TSV/CSV/JSONL file into :class:`Examples`.
 
     Raises:
-        DataError: missing file, missing column, or a label outside ``labels``.
+        DataError: missing file, missing column, a label outside ``labels``, or a label column whose
+            values mix JSON types (e.g. ``1`` and ``"1"``: one of them is not what the file means).
     """
     path = Path(path)
     if not path.is_file():
@@ -131,13 +148,22 @@ def read_examples(
     rows = _rows(path)
     if not rows:
         raise DataError(f"data file '{path}' has no rows")
-    columns = set(rows[0])
+    columns = set(rows[0][1])
     for key, col in (("text_column", text_column), ("label_column", label_column), ("text_pair_column", text_pair_column)):
         if col is not None and col not in columns:
             raise DataError(f"{path}: no column '{col}' (data.{key}); columns are {sorted(columns)}")
+    first_type: dict[str, int] = {}
+    for n, row in rows:
+        first_type.setdefault(type(row.get(label_column)).__name__, n)
+    if len(first_type) > 1:
+        seen = ", ".join(f"{t} (first at line {n})" for t, n in first_type.items())
+        raise DataError(
+            f"{path}: column '{label_column}' mixes value types: {seen}; write every label the same way (e.g. all strings)"
+        )
     index = {str(lab): i for i, lab in enumerate(labels)}
-    texts, pairs, ys = [], [] if text_pair_column else None, []
-    for n, row in enumerate(rows, 2):
+    texts, pairs, ys, numbers = [], [] if text_pair_column else None, [], []
+    for n, row in rows:
+        row = {k: "" if v is None else str(v) for k, v in row.items()}
         lab = str(row[label_column]).strip()
         if lab not in index:
             raise DataError(
@@ -148,7 +174,8 @@ def read_examples(
         if pairs is not None:
             pairs.append(row[text_pair_column])
         ys.append(index[lab])
-    return Examples(texts, pairs, ys, str(path))
+        numbers.append(n)
+    return Examples(texts, pairs, ys, str(path), numbers)
 
 
 @dataclass
@@ -176,11 +203,23 @@ class Encoded:
 
 
 def encode(tokenizer, examples: Examples, max_length: int) -> Encoded:
-    """Tokenise ``examples`` with truncation to ``max_length`` tokens (special tokens included)."""
+    """Tokenise ``examples`` with truncation to ``max_length`` tokens (special tokens included).
+
+    Raises:
+        DataError: an example whose text (or pair) tokenises to special tokens only (empty or
+            whitespace text, characters the vocabulary drops): the model would classify nothing.
+    """
     if examples.pairs is not None:
         enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
     else:
         enc = tokenizer(examples.texts, truncation=True, max_length=max_length)
+    special = set(tokenizer.all_special_ids)
+    for i, ids in enumerate(enc["input_ids"]):
+        if all(t in special for t in ids):
+            raise DataError(
+                f"{examples.where(i)}: text {examples.texts[i]!r} tokenizes to nothing (special tokens only); "
+                "remove the row or fix its text"
+            )
     tti = enc.get("token_type_ids")
     return Encoded(list(enc["input_ids"]), list(tti) if tti is not None else None, list(examples.labels))
 
@@ -262,3 +301,33 @@ def make_dataloader(
     """
     sampler = _BatchesByLength(data.lengths, batch_size, shuffle, seed)
     return torch.utils.data.DataLoader(_Dataset(data), batch_sampler=sampler, collate_fn=_collate(pad_id))
+
+
+def load_task_data(recipe: Recipe) -> tuple[Examples | None, Examples, list[str], list[str]]:
+    """``(train or None, dev, labels, metric names)`` for the recipe's task (``recipe.data``).
+
+    Raises:
+        DataError: missing file, column or undeclared label; a dev split (after ``data.dev_limit``)
+            with fewer than two classes, on which accuracy and F1 say nothing about the model.
+    """
+    d = recipe.data
+    if d.task == "custom":
+        kw = dict(text_column=d.text_column, text_pair_column=d.text_pair_column, label_column=d.label_column, labels=d.labels)
+        train = read_examples(d.train_file, **kw) if d.train_file else None
+        dev = read_examples(d.dev_file, **kw)
+        labels, metrics = list(d.labels), list(d.metrics or ["accuracy"])
+    else:
+        spec = GLUE_TASKS[d.task]
+        kw = dict(text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column, labels=spec.labels)
+        train = read_examples(glue_path(spec.train_file), **kw) if spec.train_file else None
+        dev = read_examples(glue_path(spec.dev_file), **kw)
+        labels, metrics = list(spec.labels), list(d.metrics or spec.metrics)
+    if d.dev_limit:
+        dev = dev.subset(range(min(d.dev_limit, len(dev))))
+    present = sorted(set(dev.labels))
+    if len(present) < 2:
+        raise DataError(
+            f"{dev.source}: the dev split{' (first ' + str(d.dev_limit) + ' rows, data.dev_limit)' if d.dev_limit else ''} "
+            f"has only class '{labels[present[0]]}'; evaluation needs at least two classes: use more rows or another file"
+        )
+    return train, dev, labels, metrics

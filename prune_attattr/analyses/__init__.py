@@ -14,15 +14,39 @@ import json
 import random
 from pathlib import Path
 
-__all__ = ["run_analyses", "markdown_section"]
+__all__ = ["run_analyses", "markdown_section", "check_universality_sets"]
 
 
 def _write(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def check_universality_sets(recipe, labels: list[str]) -> None:
+    """Refuse universality sets that cannot run, before any long stage: a split the task does not
+    ship, or gold labels (after ``label_map``) that are not the model's ``labels``.
+
+    Raises:
+        RunError: naming the set and what to do.
+    """
+    from ..errors import RunError
+    from ..tasks import GLUE_TASKS
+
+    for i, s in enumerate(recipe.analyses.universality.sets):
+        spec = GLUE_TASKS[s.task]
+        if (spec.train_file if s.split == "train" else spec.dev_file) is None:
+            raise RunError(f"analyses.universality.sets[{i}] '{s.name}': task {s.task} has no {s.split} split here")
+        if s.target == "gold":
+            mapping = s.label_map or {}
+            bad = sorted({mapping.get(n, n) for n in spec.labels} - set(labels))
+            if bad:
+                raise RunError(
+                    f"analyses.universality.sets[{i}] '{s.name}': labels {bad} are not the model's {labels}; "
+                    "give label_map or target: predicted"
+                )
+
+
 def _universality_sets(recipe, ctx, n: int) -> dict:
-    from ..pipeline import RunError
+    from ..errors import RunError
     from ..tasks import GLUE_TASKS, encode, glue_path, read_examples
 
     out = {}
@@ -60,8 +84,7 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
     Returns:
         A summary dict (also used for the report's "Analyses" section).
     """
-    from ..pipeline import load_task_data
-    from ..tasks import encode
+    from ..tasks import encode, load_task_data
 
     ctx, model, r = prep.ctx, prep.model, prep.ctx.recipe
     a = r.analyses
@@ -115,7 +138,7 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
             random.Random(r.seed + 11).shuffle(order)
             src = encode(ctx.tokenizer, train.subset(sorted(order[: a.triggers.examples])), r.model.max_length)
             patterns = extract_patterns(model, ctx.tokenizer, src, steps=a.triggers.steps, quadrature=a.triggers.quadrature, mode=a.triggers.mode, batch_size=r.importance.batch_size, accelerator=ctx.accelerator)
-            results = attack(model, ctx.tokenizer, prep.dev_enc, patterns, top=a.triggers.top, max_length=r.model.max_length, n_classes=len(ctx.labels))
+            results = attack(model, ctx.tokenizer, prep.dev_enc, patterns, top=a.triggers.top, max_length=r.model.max_length, n_classes=len(ctx.labels), accelerator=ctx.accelerator)
             for res in results:
                 res["label_name"] = ctx.labels[res["label"]]
             top3 = [x["attack_drop_points"] for x in results[:3]]

