@@ -251,8 +251,11 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
         model = load_classifier(model_dir)
     model = model.to(accelerator.device)
     fingerprint = ctx.agree(model_fingerprint(model_dir) if accelerator.is_main_process else None)
-    # a classifier head initialised at random (no fine-tuning, base model without one) depends on the seed
-    model_key = digest("model", fingerprint, labels, None if ft_enc is not None else r.seed)
+    # a classifier head initialised at random (no fine-tuning, base model without one) depends on the seed;
+    # the device type and precision change the figures in their last digits (the process count does not)
+    model_key = digest(
+        "model", fingerprint, labels, None if ft_enc is not None else r.seed, accelerator.device.type, str(accelerator.mixed_precision)
+    )
     dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
     imp_loader = ctx.loader(imp_enc, r.importance.batch_size)
     return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info, model_key)
@@ -282,9 +285,10 @@ def _pruned_key(model) -> list:
 
 def _importance_key(prep: Prepared, method: str, model) -> str:
     r = prep.ctx.recipe
-    settings = {"batch_size": r.importance.batch_size, "metrics": prep.ctx.metrics, "seed": r.seed}
-    if method == "attattr":
-        settings["attattr"] = r.importance.attattr.model_dump()
+    # every importance setting but the method list (adding a method keeps the others' entries); the
+    # examples enter through their tokens
+    settings = r.importance.model_dump(exclude={"methods"} if method == "attattr" else {"methods", "attattr"})
+    settings.update(metrics=prep.ctx.metrics, seed=r.seed)
     return digest("importance", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, _pruned_key(model))
 
 

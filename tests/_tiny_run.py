@@ -32,16 +32,29 @@ def make_tiny_model_dir(path: Path, *, seed: int = 0, layers: int = 3, heads: in
     return path
 
 
-def tiny_recipe(model_dir: Path, output_dir: Path, cache_dir: Path, *, run_name: str = "tiny", extra: str = "") -> str:
-    """YAML of a small SST-2 run on ``model_dir`` (no fine-tuning), every method, curves and export."""
-    return (
-        f"run_name: {run_name}\noutput_dir: {output_dir}\nseed: 3\n"
-        f"model: {{path: {model_dir}, max_length: 32}}\n"
-        "data: {task: sst2, dev_limit: 40}\n"
-        f"finetune: {{enabled: false, cache_dir: {cache_dir}}}\n"
-        "importance: {methods: [attattr, taylor, accuracy_difference, attention, random], examples: 12, source: train_heldout,"
-        " batch_size: 4, attattr: {steps: 2, mode: fast, quadrature: gauss}}\n"
-        "pruning: {step_fraction: 0.25, eval_batch_size: 8}\n"
-        "export: {method: attattr, max_drop: 0.05, onnx: false}\n"
-        "runtime: {cpu: true, threads: 1}\n" + extra
-    )
+def tiny_recipe(model_dir: Path, output_dir: Path, cache_dir: Path, *, run_name: str = "tiny", sections: str = "") -> str:
+    """YAML of a small SST-2 run on ``model_dir`` (no fine-tuning), every method, curves and export.
+
+    ``sections``: YAML of whole top-level sections that replace the defaults (e.g. ``"export: {...}"``)."""
+    import yaml
+
+    recipe = {
+        "run_name": run_name,
+        "output_dir": str(output_dir),
+        "seed": 3,
+        "model": {"path": str(model_dir), "max_length": 32},
+        "data": {"task": "sst2", "dev_limit": 40},
+        "finetune": {"enabled": False, "cache_dir": str(cache_dir)},
+        "importance": {
+            "methods": ["attattr", "taylor", "accuracy_difference", "attention", "random"],
+            "examples": 12,
+            "source": "train_heldout",
+            "batch_size": 4,
+            "attattr": {"steps": 2, "mode": "fast", "quadrature": "gauss"},
+        },
+        "pruning": {"step_fraction": 0.25, "eval_batch_size": 8},
+        "export": {"method": "attattr", "max_drop": 0.05, "onnx": False},
+        "runtime": {"cpu": True, "threads": 1},
+    }
+    recipe.update(yaml.safe_load(sections) or {})
+    return yaml.safe_dump(recipe, sort_keys=False)

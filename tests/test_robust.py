@@ -123,11 +123,10 @@ def test_analyses_do_not_import_pipeline():
 # --- 6. input hardening -----------------------------------------------------------------------------
 
 
-def _custom(tiny_dir, tmp_path, dev: str, suffix="csv", extra=""):
+def _custom(tiny_dir, tmp_path, dev: str, suffix="csv"):
     (tmp_path / f"d.{suffix}").write_text(dev)
-    base = _recipe(tiny_dir, tmp_path).replace("data: {task: sst2, dev_limit: 40}\n", "")
-    base = base.replace("source: train_heldout", "source: dev").replace("examples: 12,", "examples: 4,")
-    return base + f"data: {{task: custom, dev_file: d.{suffix}, text_column: text, label_column: label, labels: [neg, pos]}}\n" + extra
+    data = f"data: {{task: custom, dev_file: d.{suffix}, text_column: text, label_column: label, labels: [neg, pos]}}"
+    return _recipe(tiny_dir, tmp_path, sections=data + "\nimportance: {source: dev, examples: 4}")
 
 
 @pytest.mark.parametrize(
@@ -220,7 +219,8 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
 
 def test_sigterm_mid_run_leaves_nothing(tiny_dir, tmp_path):
     """SIGTERM during the importance stage: exit 143, no run folder, no temporary folder, no torn cache entry."""
-    text = _recipe(tiny_dir, tmp_path).replace("steps: 2, mode: fast", "steps: 1024, mode: reference")
+    slow = "importance: {methods: [attattr], examples: 12, attattr: {steps: 1024, mode: reference}}\nexport: {method: attattr}"
+    text = _recipe(tiny_dir, tmp_path, sections=slow)
     (tmp_path / "r.yaml").write_text(text)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", COLUMNS="200")
