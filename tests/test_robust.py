@@ -102,6 +102,28 @@ def test_export_heads_too_large_fails_before_any_long_stage(tiny_dir, tmp_path, 
     assert not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.parametrize(
+    "sections,needle",
+    [
+        (
+            "analyses: {universality: {enabled: true, sets: [{name: R, task: rte}, {name: S, task: sst2}]}}",
+            "analyses.universality.sets[0] 'R': labels ['entailment', 'not_entailment'] are not the model's ['0', '1']",
+        ),
+        (
+            "data: {task: custom, dev_file: d.csv, text_column: text, label_column: label, labels: [neg, pos]}\n"
+            "importance: {source: dev, examples: 2}\nanalyses: {triggers: {enabled: true}}",
+            "analyses.triggers extracts patterns from training examples",
+        ),
+    ],
+)
+def test_analysis_inputs_checked_before_any_long_stage(tiny_dir, tmp_path, capsys, monkeypatch, sections, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(6)))
+    code, out, err = _cli(tmp_path, capsys, _recipe(tiny_dir, tmp_path, sections=sections))
+    assert code == 2 and needle in err, err
+    assert "== importance" not in out and "== evaluate" not in out
+
+
 def test_config_does_not_import_importance():
     tree = ast.parse((ROOT / "prune_attattr" / "config.py").read_text())
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
