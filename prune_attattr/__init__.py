@@ -3,7 +3,7 @@
 Library API (the CLI is a thin layer over it):
 
 - :func:`attention_attribution` - AttAttr scores ``[batch, layers, heads, seq, seq]`` (Hao et al. 2021, Eq. 2-3)
-- :func:`prune_heads` - structural head pruning for transformers 5 BERT-family models
+- :func:`prune_heads` - structural head pruning for the encoder families in :mod:`prune_attattr.families`
 - :func:`load_classifier`, :func:`load_pruned` - load a classifier / an exported pruned checkpoint
 - :mod:`prune_attattr.importance` - head importance: ``attattr``, ``taylor``, ``accuracy_difference``,
   ``attention``, ``random``
@@ -13,7 +13,7 @@ Library API (the CLI is a thin layer over it):
 
 from .attention import AttentionControl, register_attention
 from .config import Recipe, RecipeError, load_recipe
-from .export import load_pruned, save_pruned
+from .checkpoint import load_pruned, save_pruned
 from .importance.attattr import attention_attribution
 from .models import kept_heads, load_classifier
 from .pipeline import run

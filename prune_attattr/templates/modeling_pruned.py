@@ -1,0 +1,98 @@
+"""A head-pruned __BASE__ written by prune-attattr; loads with stock transformers, no prune-attattr needed.
+
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+
+``config.json`` lists the removed heads under ``prune_attattr_pruned_heads`` ({layer: [heads]},
+original head indices). This class builds the stock architecture, removes those heads (rows of the
+query/key/value projections, columns of the attention output projection; a layer with no heads
+left keeps only the output projection's bias), and from_pretrained then loads the weights.
+"""
+
+import operator
+
+import torch
+from torch import nn
+from transformers import __BASE__ as _Base
+from transformers.pytorch_utils import prune_linear_layer
+
+# where this family keeps its attention parts (written from prune_attattr's family table)
+STRUCTURE = __STRUCTURE__
+
+
+def _get(root, path):
+    return operator.attrgetter(path)(root) if path else root
+
+
+def _set(root, path, value):
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent), name, value)
+
+
+class _BiasOnly(nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, x):
+        return self.bias.expand(*x.shape[:-1], self.bias.shape[0])
+
+
+class _NoHeads(nn.Module):
+    def __init__(self, layer_idx, out_name=None, out=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_ids = []
+        self.num_attention_heads = 0
+        self._out_name = out_name
+        if out_name is not None:
+            setattr(self, out_name, out)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        empty = hidden_states[..., :0]
+        if self._out_name is not None:
+            return getattr(self, self._out_name)(empty), None
+        return empty, None
+
+
+def _prune(model, pruned):
+    s = STRUCTURE
+    layers = _get(model, s["layers"])
+    n = model.config.num_attention_heads
+    for key, gone in pruned.items():
+        layer = int(key)
+        block = layers[layer]
+        keep = [h for h in range(n) if h not in {int(g) for g in gone}]
+        attn = _get(block, s["attention"])
+        out = _get(block, s["output"])
+        if not keep:
+            bias = out.bias if out.bias is not None else torch.zeros(out.out_features, dtype=out.weight.dtype, device=out.weight.device)
+            if s["output"].startswith(s["attention"] + "."):
+                _set(block, s["attention"], _NoHeads(layer, s["output"][len(s["attention"]) + 1 :], _BiasOnly(bias)))
+            else:
+                _set(block, s["attention"], _NoHeads(layer))
+                _set(block, s["output"], _BiasOnly(bias))
+            continue
+        d = getattr(attn, "attention_head_size", None) or attn.head_dim
+        index = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep]).to(out.weight.device)
+        if s["fused_qkv"]:
+            fused = torch.cat([index + part * n * d for part in range(3)])
+            _set(attn, s["fused_qkv"], prune_linear_layer(_get(attn, s["fused_qkv"]), fused, dim=0))
+        else:
+            for name in s["qkv"]:
+                _set(attn, name, prune_linear_layer(_get(attn, name), index, dim=0))
+        _set(block, s["output"], prune_linear_layer(out, index, dim=1))
+        for count in ("num_attention_heads", "n_heads", "num_heads"):
+            if hasattr(attn, count):
+                setattr(attn, count, len(keep))
+        if hasattr(attn, "all_head_size"):
+            attn.all_head_size = d * len(keep)
+        attn.head_ids = keep
+
+
+class PrunedForSequenceClassification(_Base):
+    """__BASE__ with the heads in ``config.prune_attattr_pruned_heads`` removed."""
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        _prune(self, getattr(config, "prune_attattr_pruned_heads", None) or {})

@@ -1,0 +1,260 @@
+"""Every encoder family of the family table, on tiny random models built in code.
+
+Per family: AttAttr fast == reference == a plain loop over alphas; the importance baselines against
+their definitions; pruned == masked logits (a whole layer included); save/reload == original with
+prune_attattr and with stock transformers alone; ONNX == PyTorch. Refused types give one line.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+from conftest import FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_config, tiny_model
+
+from prune_attattr import AttentionControl, attention_attribution, load_classifier, load_pruned, prune_heads, save_pruned
+from prune_attattr import importance as imp
+from prune_attattr.export import check_onnx, export_onnx_folder
+from prune_attattr.importance.attattr import quadrature_nodes
+from prune_attattr.models import ModelError, forward_logits, input_names, kept_heads, prepare
+from prune_attattr.tasks import Encoded, make_dataloader
+
+PRUNE = {0: [1, 3], 1: [0, 1, 2, 3], 2: [2]}  # layer 1 loses every head
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def _brute_force(model, batch, layer, steps):
+    """Eq. 3 written out: one example, one alpha, one forward and backward at a time."""
+    alphas, weights = quadrature_nodes(steps)
+    out = []
+    for b in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][b].sum())
+        one = {k: v[b : b + 1, :n] for k, v in batch.items() if k != "labels"}
+        rec = AttentionControl(record=True)
+        with torch.no_grad():
+            target = forward_logits(model, one, rec).argmax(-1)
+        probs = rec.recorded[layer].detach()
+        total = torch.zeros_like(probs)
+        for a, w in zip(alphas.tolist(), weights.tolist()):
+            scaled = (a * probs).requires_grad_(True)
+            logits = forward_logits(model, one, AttentionControl(replace={layer: scaled}))
+            p = torch.softmax(logits, -1)[0, target]
+            (g,) = torch.autograd.grad(p.sum(), scaled)
+            total += w * g
+        attr = torch.zeros(probs.shape[1], *batch["input_ids"].shape[1:2] * 2)
+        attr[:, :n, :n] = (probs * total)[0]
+        out.append(attr)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_attribution_fast_reference_brute_force(kind):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind=kind, batch=3)
+    fast = attention_attribution(model, batch, steps=3, mode="fast")
+    ref = attention_attribution(model, batch, steps=3, mode="reference")
+    assert fast.abs().max() > 1e-3  # far from the silent zeros of an ignored control
+    assert torch.allclose(fast, ref, atol=1e-5), float((fast - ref).abs().max())
+    for layer in (0, 2):  # a middle layer and the last ([CLS]-only) layer
+        brute = _brute_force(model, batch, layer, 3)
+        assert torch.allclose(fast[:, layer], brute, atol=1e-5), float((fast[:, layer] - brute).abs().max())
+
+
+def _loader(model, batch, accelerator, batch_size=2):
+    keep = batch["attention_mask"].bool()
+    ids = [row[m].tolist() for row, m in zip(batch["input_ids"], keep)]
+    types = [row[m].tolist() for row, m in zip(batch["token_type_ids"], keep)] if "token_type_ids" in batch else None
+    pad = model.config.pad_token_id or 0
+    return accelerator.prepare(make_dataloader(Encoded(ids, types, batch["labels"].tolist()), batch_size=batch_size, pad_id=pad))
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_importance_methods(kind, accelerator):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind=kind, batch=6, seq=9)
+    with torch.no_grad():
+        batch["labels"] = forward_logits(model, batch).argmax(-1)  # unpruned accuracy 100%
+    loader = _loader(model, batch, accelerator, 3)
+    scores = {
+        "attattr": imp.attattr_importance(model, loader, accelerator, steps=3, description=None),
+        "taylor": imp.taylor_importance(model, loader, accelerator, description=None),
+        "accuracy_difference": imp.accuracy_difference_importance(model, loader, accelerator, description=None),
+        "attention": imp.attention_importance(model, loader, accelerator, description=None),
+        "random": imp.random_importance(model),
+    }
+    for name, s in scores.items():
+        assert s.shape == (3, 4), name
+        assert torch.isfinite(s).all(), name
+    for name in ("attattr", "taylor", "attention"):
+        assert scores[name].abs().sum() > 0, name
+    # accuracy difference of two heads (one in the last, [CLS]-only layer) by masking the whole model
+    for layer, head in ((0, 2), (2, 1)):
+        hm = torch.ones(4)
+        hm[head] = 0
+        with torch.no_grad():
+            masked = forward_logits(model, batch, AttentionControl(head_mask={layer: hm}))
+            base = forward_logits(model, batch)
+        drop = 1.0 - float((masked.argmax(-1) == batch["labels"]).float().mean())
+        loss_up = float(torch.nn.functional.cross_entropy(masked, batch["labels"]) - torch.nn.functional.cross_entropy(base, batch["labels"]))
+        assert abs(float(scores["accuracy_difference"][layer, head]) - (drop + 1e-6 * loss_up)) < 5e-8  # float32 spacing at 1/6
+
+
+def _masked_logits(model, batch, heads):
+    n = model.config.num_attention_heads
+    hm = {layer: torch.tensor([0.0 if h in hs else 1.0 for h in range(n)]) for layer, hs in heads.items()}
+    with torch.no_grad():
+        return forward_logits(model, batch, AttentionControl(head_mask=hm))
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_pruned_equals_masked(kind):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind=kind)
+    for heads in (PRUNE, {2: [0, 1, 2, 3]}):
+        pruned = prune_heads(copy.deepcopy(model), heads)
+        with torch.no_grad():
+            got = forward_logits(pruned, batch)
+        want = _masked_logits(model, batch, heads)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert not torch.allclose(got, forward_logits(model, batch).detach(), atol=1e-4)
+    # attributions of the pruned model: kept heads only, zeros where heads were removed
+    pruned = prune_heads(copy.deepcopy(model), PRUNE)
+    attr = attention_attribution(pruned, batch, steps=2)
+    assert attr[:, 1].abs().max() == 0 and attr[:, 0, [1, 3]].abs().max() == 0
+    assert attr[:, 0, [0, 2]].abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_save_reload_and_onnx(kind, tmp_path):
+    model = prune_heads(tiny_model(kind), PRUNE)
+    batch = tiny_batch(kind=kind)
+    save_pruned(model, tmp_path / "model")
+    for name in ("model.safetensors", "config.json", "modeling_pruned.py"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o044 == 0o044, name  # readable by others
+    for loader in (load_pruned, load_classifier):
+        again = loader(tmp_path / "model")
+        assert kept_heads(again) == kept_heads(model)
+        with torch.no_grad():
+            assert torch.allclose(forward_logits(again, batch), forward_logits(model, batch), atol=1e-6)
+    onnx = export_onnx_folder(model, tmp_path / "onnx", tiny_batch(kind=kind, batch=2, seq=7))
+    assert (tmp_path / "onnx" / "config.json").is_file()
+    import onnx as onnx_lib
+
+    graph = onnx_lib.load(str(onnx))
+    assert [i.name for i in graph.graph.input] == list(input_names(model))
+    assert [o.name for o in graph.graph.output] == ["logits"]
+    assert ("token_type_ids" in input_names(model)) == (kind not in NO_SEGMENTS)
+    batches = [tiny_batch(seed=s, batch=b, seq=t, kind=kind) for s, b, t in ((2, 1, 5), (3, 5, 19), (4, 3, 11))]
+    assert check_onnx(model, onnx, batches) <= 1e-4
+
+
+_STOCK_LOADER = r"""
+import importlib.abc, json, sys, torch
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "prune_attattr" or name.startswith("prune_attattr."):
+            raise ImportError("prune_attattr is blocked in this test")
+sys.meta_path.insert(0, _Block())
+try:
+    import prune_attattr  # noqa: F401
+    raise SystemExit("prune_attattr could be imported")
+except ImportError:
+    pass
+from transformers import AutoModelForSequenceClassification
+out = {}
+for folder in sys.argv[1:]:
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    batch = torch.load(folder + "/batch.pt")
+    with torch.no_grad():
+        out[folder] = model(**batch).logits.tolist()
+print(json.dumps(out))
+"""
+
+
+def test_stock_transformers_loads_every_family_without_prune_attattr(tmp_path):
+    folders, want = [], {}
+    for kind in FAMILY_KINDS:
+        model = prune_heads(tiny_model(kind), PRUNE)
+        batch = tiny_batch(kind=kind)
+        batch = {k: batch[k] for k in input_names(model)}
+        folder = str(tmp_path / kind)
+        save_pruned(model, folder)
+        torch.save(batch, folder + "/batch.pt")
+        with torch.no_grad():
+            want[folder] = forward_logits(model, batch)
+        folders.append(folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "-I", "-c", _STOCK_LOADER, *folders], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for folder in folders:
+        diff = float((torch.tensor(got[folder]) - want[folder]).abs().max())
+        assert diff <= 1e-5, (folder, diff)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [("albert", "shares one layer's weights"), ("deberta-v2", "not supported"), ("gpt2", "supported: bert, camembert")],
+)
+def test_refused_types_give_one_line(kind, message, tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(kind).save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match=message) as err:
+        load_classifier(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_modernbert_mean_pooling_refused():
+    model = tiny_model("modernbert")
+    model.config.classifier_pooling = "mean"
+    with pytest.raises(ModelError, match="classifier_pooling='mean'"):
+        prepare(model)
+
+
+def test_stock_loaded_model_is_switched_not_zero(tmp_path):
+    """A model loaded by stock transformers (sdpa attention) gives the same attributions, never zeros."""
+    from transformers import AutoModelForSequenceClassification
+
+    ours = tiny_model("bert")
+    batch = tiny_batch()
+    ours.save_pretrained(tmp_path)
+    stock = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert stock.config._attn_implementation != "prune_attattr"
+    want = attention_attribution(ours, batch, steps=3)
+    got = attention_attribution(stock, batch, steps=3)
+    assert got.abs().max() > 1e-3
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoint_scores_in_float32(dtype, tmp_path):
+    model = tiny_model("roberta")
+    model.to(dtype).save_pretrained(tmp_path)
+    loaded = load_classifier(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    reference = tiny_model("roberta").to(dtype).float()  # the same rounded weights, computed in float32
+    batch = tiny_batch(kind="roberta")
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(loaded, batch), forward_logits(reference, batch), atol=1e-6)
+    attr = attention_attribution(loaded, batch, steps=3)
+    assert attr.dtype == torch.float32 and torch.isfinite(attr).all() and attr.abs().max() > 1e-3
+
+
+def test_untrained_head_refused_when_asked(tmp_path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    AutoModel.from_config(tiny_config("bert")).save_pretrained(tmp_path)  # encoder only, no classifier
+    load_classifier(tmp_path, num_labels=2)  # fine before fine-tuning
+    with pytest.raises(ModelError, match="no trained classification head"):
+        load_classifier(tmp_path, num_labels=2, require_trained_head=True)
