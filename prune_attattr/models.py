@@ -197,11 +197,17 @@ def check_labels(model: nn.Module, labels: list[str], label_map: dict[str, str] 
     label_map = label_map or {}
     want = [label_map.get(lab, lab) for lab in labels]
     got = [id2label[i] for i in range(len(labels))]
-    if [w.lower() for w in want] != [g.lower() for g in got]:
+    if [w.lower() for w in want] == [g.lower() for g in got]:
+        return
+    if sorted(w.lower() for w in want) == sorted(g.lower() for g in got):
         raise ModelError(
-            f"the model's labels {got} (config id2label) are not the task's {want} in that order; "
-            "set data.label_map (task label -> model label) or fine-tune (finetune.enabled: true)"
+            f"the model's labels {got} (config id2label) are the task's {want} in another order; declare "
+            "data.labels in the model's order (custom and dataset tasks) or fine-tune (finetune.enabled: true)"
         )
+    raise ModelError(
+        f"the model's labels {got} (config id2label) are not the task's {want}; "
+        "set data.label_map (task label -> model label) or fine-tune (finetune.enabled: true)"
+    )
 
 
 _LAYER_FAMILY: dict[type, Family] = {}

@@ -41,7 +41,7 @@ from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerp
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
-from .models import forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
+from .models import check_labels, forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
 from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader
@@ -211,7 +211,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     if accelerator is None:
         accelerator = Accelerator(cpu=r.runtime.cpu, mixed_precision=r.runtime.mixed_precision)
     set_seed(r.seed)
-    model_path = resolve_model_path(r.model.path)
+    model_path = resolve_model_path(r.model.path, r.model.revision)
     train, dev, labels, metric_names = load_task_data(r)
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -219,13 +219,13 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet, cache=StageCache(root, enabled=use_cache))
     imp_examples, ft_examples = _split_train(r, train, dev)
     id2label = dict(enumerate(labels))
-    # the model as the run will see it (fine-tuning keeps its architecture): checks before any long stage
-    model = load_classifier(model_path, id2label=id2label)
-    if model.config.num_labels != len(labels):
-        raise RunError(
-            f"model.path {model_path} has {model.config.num_labels} labels but the task has {len(labels)}; "
-            "fine-tune it (finetune.enabled true) or pick a matching model"
-        )
+    # the model as the run will see it (fine-tuning keeps its architecture): checks before any long stage;
+    # a model used as it is must have a trained head whose labels are the task's, in the task's order
+    if ft_examples is not None:
+        model = load_classifier(model_path, id2label=id2label)
+    else:
+        model = load_classifier(model_path, require_trained_head=True)
+        check_labels(model, labels, r.data.label_map)
     check_run(r, model, has_train=train is not None, labels=labels)
     with ctx.stage("tokenize"):
         dev_enc = encode(tokenizer, dev, r.model.max_length)

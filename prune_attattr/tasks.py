@@ -28,6 +28,8 @@ __all__ = [
     "DataError",
     "Examples",
     "read_examples",
+    "read_dataset",
+    "examples_from_rows",
     "glue_path",
     "encode",
     "Encoded",
@@ -178,6 +180,80 @@ def read_examples(
     return Examples(texts, pairs, ys, str(path), numbers)
 
 
+def read_dataset(
+    path: str,
+    *,
+    split: str,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    config: str | None = None,
+) -> tuple[dict[str, list], list[str] | None]:
+    """One split of a ``datasets`` dataset as columns of strings, and its label names if it declares them.
+
+    ``path`` is what ``datasets.load_dataset`` takes (a hub id, a local folder of data files, a
+    builder such as ``json``), or a folder written by ``save_to_disk``. Hub access follows
+    ``HF_HUB_OFFLINE``, ``HF_DATASETS_CACHE`` and ``HF_TOKEN``.
+
+    Returns:
+        ``({"text": [...], "pair": [...] or None, "label": [str, ...]}, names)`` where ``names`` are the
+        ``ClassLabel`` names of ``label_column`` (class id = index), or None for plain values.
+
+    Raises:
+        DataError: the dataset, split or a column cannot be had (one line).
+    """
+    import datasets
+
+    where = f"data.dataset '{path}'" + (f" ({config})" if config else "")
+    local = Path(path).expanduser()
+    try:
+        if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{where} has no split '{split}'; splits are {sorted(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(path, config, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # unknown split/config, no network and no cache, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{where}, split '{split}': {first}") from None
+    columns = list(ds.column_names)
+    for key, col in (("text_column", text_column), ("label_column", label_column), ("text_pair_column", text_pair_column)):
+        if col is not None and col not in columns:
+            raise DataError(f"{where}: no column '{col}' (data.{key}); columns are {columns}")
+    feature = ds.features[label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    raw = ds[label_column]
+    if names is not None:
+        bad = [v for v in raw if not 0 <= int(v) < len(names)]
+        if bad:
+            raise DataError(f"{where}, split '{split}': label {bad[0]} is not a class of {names} (an unlabelled test split?)")
+        labels = [names[int(v)] for v in raw]
+    else:
+        labels = [str(v).strip() for v in raw]
+    return {
+        "text": [str(t) for t in ds[text_column]],
+        "pair": [str(t) for t in ds[text_pair_column]] if text_pair_column else None,
+        "label": labels,
+    }, names
+
+
+def examples_from_rows(rows: dict[str, list], labels: Sequence[str], source: str) -> Examples:
+    """:class:`Examples` from :func:`read_dataset` columns, class id = position in ``labels``.
+
+    Raises:
+        DataError: a label outside ``labels``.
+    """
+    index = {str(lab): i for i, lab in enumerate(labels)}
+    bad = [lab for lab in rows["label"] if lab not in index]
+    if bad:
+        raise DataError(f"{source}: label '{bad[0]}' is outside the labels {list(labels)}; fix data.labels")
+    return Examples(list(rows["text"]), rows["pair"], [index[lab] for lab in rows["label"]], source)
+
+
 @dataclass
 class Encoded:
     """Tokenised examples: lists of token ids per example (no padding) and class labels."""
@@ -303,6 +379,27 @@ def make_dataloader(
     return torch.utils.data.DataLoader(_Dataset(data), batch_sampler=sampler, collate_fn=_collate(pad_id))
 
 
+def _dataset_task(recipe: Recipe) -> tuple[Examples | None, Examples, list[str]]:
+    """Train (when fine-tuning or scoring on held-out train) and dev splits of a ``datasets`` dataset.
+
+    Labels: ``data.labels`` if given, else the label column's ``ClassLabel`` names, else the sorted
+    distinct values of both splits (numerically when all are integers).
+    """
+    d = recipe.data
+    kw = dict(text_column=d.text_column, label_column=d.label_column, text_pair_column=d.text_pair_column, config=d.dataset_config)
+    need_train = recipe.finetune.enabled or recipe.importance.source == "train_heldout"
+    dev_rows, names = read_dataset(d.dataset, split=d.dev_split, **kw)
+    train_rows = read_dataset(d.dataset, split=d.train_split, **kw)[0] if need_train else None
+    labels = list(d.labels) if d.labels else names
+    if labels is None:
+        seen = set(dev_rows["label"]) | set(train_rows["label"] if train_rows else [])
+        numeric = all(v.lstrip("-").isdigit() for v in seen)
+        labels = sorted(seen, key=int) if numeric else sorted(seen)
+    train = examples_from_rows(train_rows, labels, f"{d.dataset}:{d.train_split}") if train_rows else None
+    dev = examples_from_rows(dev_rows, labels, f"{d.dataset}:{d.dev_split}")
+    return train, dev, labels
+
+
 def load_task_data(recipe: Recipe) -> tuple[Examples | None, Examples, list[str], list[str]]:
     """``(train or None, dev, labels, metric names)`` for the recipe's task (``recipe.data``).
 
@@ -316,6 +413,9 @@ def load_task_data(recipe: Recipe) -> tuple[Examples | None, Examples, list[str]
         train = read_examples(d.train_file, **kw) if d.train_file else None
         dev = read_examples(d.dev_file, **kw)
         labels, metrics = list(d.labels), list(d.metrics or ["accuracy"])
+    elif d.task == "dataset":
+        train, dev, labels = _dataset_task(recipe)
+        metrics = list(d.metrics or ["accuracy"])
     else:
         spec = GLUE_TASKS[d.task]
         kw = dict(text_column=spec.text_column, text_pair_column=spec.text_pair_column, label_column=spec.label_column, labels=spec.labels)

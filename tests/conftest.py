@@ -102,3 +102,50 @@ def model():
 @pytest.fixture
 def batch():
     return tiny_batch()
+
+
+WORDS = (
+    "the a an and or but not no very too so is was are be it this that film movie story acting plot "
+    "good great fine best fun funny moving bad worst dull boring awful poor slow long short one two "
+    "of in on to for with as by at from man woman he she they we you i its his her their some all"
+).split()
+
+
+def tiny_tokenizer(kind: str = "bert"):
+    """A word-level fast tokenizer for the tiny models (ids < 120) whose pad id matches the model's.
+
+    RoBERTa-style families pad with id 1 (``<s> <pad> </s> <unk> <mask>``), the others with id 0
+    (``[PAD] [UNK] [CLS] [SEP] [MASK]``); ``model_input_names`` are the family's inputs.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if kind in ("roberta", "xlm-roberta", "camembert"):
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        cls, pad, sep, unk, mask = specials
+    else:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        pad, unk, cls, sep, mask = specials
+    vocab = {t: i for i, t in enumerate(specials + list(WORDS))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])]
+    )
+    names = ["input_ids", "attention_mask"] if kind in NO_SEGMENTS else ["input_ids", "token_type_ids", "attention_mask"]
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=pad, unk_token=unk, cls_token=cls, sep_token=sep, mask_token=mask, model_input_names=names
+    )
+
+
+def save_tiny_classifier(kind: str, folder, *, labels: int = 2, id2label: dict | None = None, seed: int = 0):
+    """Save a tiny random classifier of family ``kind`` and its tokenizer with ``save_pretrained``."""
+    model = tiny_model(kind, labels=labels, seed=seed)
+    if id2label is not None:
+        model.config.id2label = dict(id2label)
+        model.config.label2id = {v: k for k, v in id2label.items()}
+    model.config._attn_implementation = "sdpa"  # as a user's checkpoint would be
+    model.save_pretrained(folder)
+    tiny_tokenizer(kind).save_pretrained(folder)
+    return folder

