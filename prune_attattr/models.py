@@ -222,12 +222,19 @@ def prepare(model: nn.Module) -> Family:
     Attention modules without a ``layer_idx`` (DistilBERT) get one.
 
     Raises:
-        ModelError: an unsupported model type or configuration (one line naming the supported ones).
+        ModelError: an unsupported model type or configuration (one line naming the supported ones), or
+            float16/bfloat16 weights (the math here runs in float32: call ``model.float()``).
     """
     try:
         fam = family_of(model)
     except UnsupportedModel as exc:
         raise ModelError(str(exc)) from None
+    dtype = next(model.parameters()).dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        raise ModelError(
+            f"the model's weights are {dtype}; attribution and head masking run in float32: "
+            "call model.float() first (load_classifier does this)"
+        )
     impl = register_attention()
     if getattr(model.config, "_attn_implementation", None) != impl:
         model.set_attn_implementation(impl)

@@ -248,6 +248,8 @@ def test_half_precision_checkpoint_scores_in_float32(dtype, tmp_path):
         assert torch.allclose(forward_logits(loaded, batch), forward_logits(reference, batch), atol=1e-6)
     attr = attention_attribution(loaded, batch, steps=3)
     assert attr.dtype == torch.float32 and torch.isfinite(attr).all() and attr.abs().max() > 1e-3
+    with pytest.raises(ModelError, match="call model.float"):
+        attention_attribution(tiny_model("roberta").to(dtype), batch, steps=3)
 
 
 def test_untrained_head_refused_when_asked(tmp_path):
