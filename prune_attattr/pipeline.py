@@ -225,12 +225,13 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
         model = load_classifier(model_path, id2label=id2label)
     else:
         model = load_classifier(model_path, require_trained_head=True)
-        check_labels(model, labels, r.data.label_map)
     check_run(r, model, has_train=train is not None, labels=labels)
     with ctx.stage("tokenize"):
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
         ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
+    if ft_enc is None:  # a model used as it is: its labels must be the task's, in the task's order
+        check_labels(model, labels, r.data.label_map)
     finetune_info = None
     model_dir = model_path
     if ft_enc is not None:

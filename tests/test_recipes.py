@@ -108,7 +108,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     from conftest import save_tiny_classifier
 
     save_tiny_classifier("bert", tmp_path / "m", id2label={0: "neg", 1: "pos"})  # a trained head is required without fine-tuning
-    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"text number {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"a film {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
     text = (
         f"run_name: cut\nmodel: {{path: {tmp_path / 'm'}}}\n"
         "finetune: {enabled: false}\nimportance: {source: dev, examples: 4, methods: [random]}\n"
@@ -121,5 +121,5 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(pipeline, "pruning_curve", interrupted)
     code, err = _run_cli(tmp_path, monkeypatch, capsys, text)
-    assert code == 130 and "interrupted" in err
+    assert code == 130 and "interrupted" in err, err
     assert list((tmp_path / "exported").iterdir()) == []
