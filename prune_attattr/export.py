@@ -23,9 +23,13 @@ from .models import forward_logits, input_names
 __all__ = ["export_onnx", "export_onnx_folder", "check_onnx", "onnx_latency", "onnx_input_names"]
 
 
-def onnx_input_names(model: nn.Module) -> tuple[str, ...]:
-    """The graph inputs for ``model``: its family's tokenizer inputs, in order."""
-    return input_names(model)
+def onnx_input_names(model: nn.Module, example: dict | None = None) -> tuple[str, ...]:
+    """The graph inputs for ``model``: its family's tokenizer inputs, in order; with ``example``, only the
+    optional ones it carries (a BERT tokenizer without segment ids gives a graph without ``token_type_ids``)."""
+    names = input_names(model)
+    if example is None:
+        return names
+    return tuple(k for k in names if k in ("input_ids", "attention_mask") or k in example)
 
 
 class _OnnxWrapper(nn.Module):
@@ -56,7 +60,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: dict[str, torch.Ten
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = onnx_input_names(model)
+    names = onnx_input_names(model, example)
     missing = [k for k in names if k not in example]
     if missing:
         raise ValueError(f"the ONNX example batch lacks {missing}; the model takes {list(names)}")

@@ -469,7 +469,7 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
         # latency: pruned vs unpruned on the same inputs
         dev_enc = prep.dev_enc
         lat_batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), e.latency_batch))), batch_size=e.latency_batch, pad_id=ctx.pad_id)))
-        feeds = {k: lat_batch[k].numpy() for k in input_names(cpu_model)}
+        feeds = {k: lat_batch[k].numpy() for k in input_names(cpu_model) if k in lat_batch}
         with tempfile.TemporaryDirectory() as d:
             base_path = export_onnx(copy.deepcopy(prep.model).cpu(), Path(d) / "unpruned.onnx", checks[-1], opset=e.onnx_opset)
             threads = r.runtime.threads or torch.get_num_threads()

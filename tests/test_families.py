@@ -260,3 +260,15 @@ def test_untrained_head_refused_when_asked(tmp_path):
     load_classifier(tmp_path, num_labels=2)  # fine before fine-tuning
     with pytest.raises(ModelError, match="no trained classification head"):
         load_classifier(tmp_path, num_labels=2, require_trained_head=True)
+
+
+def test_onnx_inputs_follow_the_tokenizer(tmp_path):
+    """A BERT whose tokenizer gives no segment ids: the graph takes input_ids and attention_mask only."""
+    model = tiny_model("bert")
+    example = {k: v for k, v in tiny_batch(batch=2, seq=7).items() if k != "token_type_ids"}
+    path = export_onnx_folder(model, tmp_path, example)
+    import onnx as onnx_lib
+
+    assert [i.name for i in onnx_lib.load(str(path)).graph.input] == ["input_ids", "attention_mask"]
+    batches = [{k: v for k, v in tiny_batch(seed=s).items() if k != "token_type_ids"} for s in (2, 3)]
+    assert check_onnx(model, path, batches) <= 1e-4
