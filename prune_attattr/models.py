@@ -153,6 +153,7 @@ def load_classifier(
         kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
         kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
         kwargs["num_labels"] = len(id2label)
+        kwargs["ignore_mismatched_sizes"] = True  # a classifier for other labels is replaced, then fine-tuned
     elif num_labels is not None:
         kwargs["num_labels"] = num_labels
     from transformers.utils import logging as hf_logging

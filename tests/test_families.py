@@ -272,3 +272,9 @@ def test_onnx_inputs_follow_the_tokenizer(tmp_path):
     assert [i.name for i in onnx_lib.load(str(path)).graph.input] == ["input_ids", "attention_mask"]
     batches = [{k: v for k, v in tiny_batch(seed=s).items() if k != "token_type_ids"} for s in (2, 3)]
     assert check_onnx(model, path, batches) <= 1e-4
+
+
+def test_classifier_for_other_labels_is_replaced_before_fine_tuning(tmp_path):
+    tiny_model("bert", labels=3).save_pretrained(tmp_path)
+    model = load_classifier(tmp_path, id2label={0: "neg", 1: "pos"})
+    assert forward_logits(model, tiny_batch()).shape == (4, 2)
