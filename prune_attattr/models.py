@@ -94,13 +94,13 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
         )
     except LocalEntryNotFoundError:
         raise ModelError(
-            f"model.path {at}: no network (or HF_HUB_OFFLINE=1) and no copy in the Hugging Face cache; "
-            "download it once with network, or give a local folder"
+            f"model.path {at} is no local folder, and as a hub id: no network (or HF_HUB_OFFLINE=1) and no copy "
+            "in the Hugging Face cache; download it once with network, or give a local folder"
         ) from None
     except RevisionNotFoundError:
         raise ModelError(f"model.path {at}: the hub has no such revision") from None
     except RepositoryNotFoundError:
-        raise ModelError(f"model.path {at}: no such hub repository (or it is private: set HF_TOKEN)") from None
+        raise ModelError(f"model.path {at} is no local folder nor a hub repository (a private one needs HF_TOKEN)") from None
     except Exception as exc:  # network errors, gated repos, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.path {at}: could not get it from the Hugging Face hub ({first})") from None
