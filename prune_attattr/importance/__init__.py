@@ -53,6 +53,13 @@ def _head_table(model: nn.Module, bsz: int, device) -> torch.Tensor:
     return torch.zeros(bsz, len(encoder_layers(model)), model.config.num_attention_heads, device=device)
 
 
+def _put(table: torch.Tensor, index: list[int], layer: int, heads: list[int], scores: torch.Tensor) -> None:
+    """Write group scores ``[len(index), len(heads)]`` into ``table [B, layers, heads]`` at the caller's rows."""
+    rows = torch.tensor(index, device=table.device)
+    cols = torch.tensor(heads, device=table.device)
+    table[rows[:, None], layer, cols[None, :]] = scores.float().to(table.device)
+
+
 def _pad_id(model: nn.Module) -> int:
     pad = getattr(model.config, "pad_token_id", None)
     return int(pad) if pad is not None else 0
@@ -107,11 +114,8 @@ def attattr_importance(
             model, batch, steps=steps, target=target, mode=mode, quadrature=quadrature,
             max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=precision,
         ):
-            cols = torch.tensor(heads[layer], device=table.device)
             for g in groups:
-                scores = attribution_head_scores(g.attr, g.attention_mask)
-                rows = torch.tensor(g.index, device=table.device)
-                table[rows[:, None], layer, cols[None, :]] = scores.to(table.device)
+                _put(table, g.index, layer, heads[layer], attribution_head_scores(g.attr, g.attention_mask))
         return table
 
     (per_example,) = over_batches(dataloader, accelerator, description, work)
@@ -149,9 +153,8 @@ def taylor_importance(
                     logits = forward_logits(model, sub, AttentionControl(head_mask=masks))
                 loss = nn.functional.cross_entropy(logits.float(), sub["labels"], reduction="sum")
                 grads = torch.autograd.grad(loss, list(masks.values()))
-            rows = torch.tensor(index, device=device)
             for layer, g in zip(masks, grads):
-                table[rows[:, None], layer, torch.tensor(heads[layer], device=device)[None, :]] = g.abs().float()
+                _put(table, index, layer, heads[layer], g.abs())
         return table
 
     was_training = model.training
@@ -263,10 +266,8 @@ def attention_importance(
             control = AttentionControl(record=True)
             with autocast(device, precision):
                 forward_logits(model, sub, control)
-            rows = torch.tensor(index, device=device)
             for layer, probs in control.recorded.items():
-                scores = attribution_head_scores(probs.float(), sub["attention_mask"])
-                table[rows[:, None], layer, torch.tensor(heads[layer], device=device)[None, :]] = scores
+                _put(table, index, layer, heads[layer], attribution_head_scores(probs, sub["attention_mask"]))
         return table
 
     was_training = model.training

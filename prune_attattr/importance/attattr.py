@@ -305,6 +305,8 @@ def iter_group_attributions(
     max_tokens, max_rows = token_budget(max_tokens_per_forward, chunk_size)
     precision = resolve_precision(mixed_precision)
     rows = row_spans(batch["attention_mask"])
+    if len(rows) == 0:
+        return
     was_training = model.training
     model.eval()
     try:
