@@ -7,7 +7,7 @@ the padding side and the token bound, and never hold more tokens in one forward 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import tiny_batch, tiny_model
+from conftest import FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_model
 
 from prune_attattr import attention_attribution
 from prune_attattr import importance as imp
@@ -19,12 +19,16 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
+def _pad(kind):
+    return 1 if kind in ("roberta", "xlm-roberta", "camembert") else 0
+
+
 def _mixed_batch(kind="bert", seed=3):
     """8 rows of lengths 3..13 in no order, right padding, labels."""
     g = torch.Generator().manual_seed(seed)
     lengths = [9, 3, 13, 5, 12, 4, 7, 11]
     seq = max(lengths)
-    pad = 1 if kind == "roberta" else 0
+    pad = _pad(kind)
     ids = torch.full((len(lengths), seq), pad)
     mask = torch.zeros(len(lengths), seq, dtype=torch.long)
     types = torch.zeros(len(lengths), seq, dtype=torch.long)
@@ -33,7 +37,7 @@ def _mixed_batch(kind="bert", seed=3):
         mask[b, :n] = 1
         types[b, n // 2 : n] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 3, (len(lengths),), generator=g)}
-    if kind == "bert":
+    if kind not in NO_SEGMENTS:
         out["token_type_ids"] = types
     return out
 
@@ -135,13 +139,14 @@ def test_row_order_does_not_change_results(mode):
         assert torch.allclose(a[row, ..., :n, :n], alone[0], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["bert", "roberta"])
-@pytest.mark.parametrize("mode", ["fast", "reference"])
+@pytest.mark.parametrize(
+    "kind, mode", [(k, "fast") for k in FAMILY_KINDS] + [("bert", "reference"), ("roberta", "reference")]
+)
 def test_left_padding_equals_right_padding(kind, mode):
     """Left padding (tokenizer padding_side='left') gives each example's own attribution, at the caller's columns."""
     model = tiny_model(kind)
     right = _mixed_batch(kind)
-    left = _left_padded(right, pad=1 if kind == "roberta" else 0)
+    left = _left_padded(right, pad=_pad(kind))
     a = attention_attribution(model, right, steps=4, target="gold", mode=mode)
     b = attention_attribution(model, left, steps=4, target="gold", mode=mode)
     assert a.abs().max() > 0
