@@ -119,7 +119,7 @@ class AttAttrSettings(_Strict):
             warnings.warn(
                 "importance.attattr.chunk_size is deprecated: it caps rows, not memory; "
                 "use importance.max_tokens_per_forward (tokens per forward, copies included)",
-                DeprecationWarning,
+                FutureWarning,  # shown to recipe users by default, unlike DeprecationWarning
                 stacklevel=2,
             )
         return v

@@ -218,3 +218,17 @@ def test_fast_path_records_only_requested_layers(monkeypatch):
     model, batch = tiny_model(), tiny_batch()
     attention_attribution(model, batch, steps=2, layers=[1])
     assert recorded and set(recorded) == {1}
+
+
+def test_recipe_settings_for_the_token_bound():
+    from pydantic import ValidationError
+
+    from prune_attattr.config import AttAttrSettings, ImportanceSettings
+    from prune_attattr.importance import DEFAULT_MAX_TOKENS
+
+    assert ImportanceSettings().max_tokens_per_forward == DEFAULT_MAX_TOKENS
+    assert AttAttrSettings().chunk_size is None  # no row cap unless asked: the token bound holds
+    with pytest.raises(ValidationError):
+        ImportanceSettings(max_tokens_per_forward=0)
+    with pytest.warns(FutureWarning, match="max_tokens_per_forward"):
+        assert AttAttrSettings(chunk_size=64).chunk_size == 64
