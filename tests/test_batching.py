@@ -164,7 +164,7 @@ def test_attribution_forwards_stay_within_token_bound(mode):
         assert 0 < meter.peak <= bound
         assert torch.allclose(bounded, free, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="does not fit max_tokens_per_forward=12"):
-        attention_attribution(model, batch, steps=2, max_tokens_per_forward=12)
+        attention_attribution(model, batch, steps=2, mode=mode, max_tokens_per_forward=12)
 
 
 def test_chunk_size_caps_rows_even_when_batch_is_larger():

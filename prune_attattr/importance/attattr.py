@@ -46,7 +46,7 @@ from torch import nn
 from ..attention import AttentionControl
 from ..models import classify, embed, encoder_layers, forward_logits, frozen, kept_heads, run_layers
 from ..precision import autocast, resolve_precision
-from .batching import Rows, compact, length_groups, row_spans, split_evenly, token_budget
+from .batching import Rows, check_fits, compact, length_groups, row_spans, split_evenly, token_budget
 
 Quadrature = Literal["left", "midpoint", "gauss"]
 Target = Literal["predicted", "gold"]
@@ -307,6 +307,7 @@ def iter_group_attributions(
     rows = row_spans(batch["attention_mask"])
     if len(rows) == 0:
         return
+    check_fits(rows.length, max_tokens)
     was_training = model.training
     model.eval()
     try:

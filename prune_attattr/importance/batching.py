@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS",
     "Rows",
     "row_spans",
+    "check_fits",
     "length_groups",
     "compact",
     "token_budget",
@@ -97,6 +98,20 @@ def row_spans(attention_mask: torch.Tensor) -> Rows:
     return Rows(starts, lens, int(attention_mask.shape[1]))
 
 
+def check_fits(lengths: Sequence[int], max_tokens: int) -> None:
+    """Raise unless every row fits one forward.
+
+    Raises:
+        ValueError: a row longer than ``max_tokens`` (one line: the length, the bound, what to change).
+    """
+    longest = max((int(n) for n in lengths), default=0)
+    if longest > max_tokens:
+        raise ValueError(
+            f"a sequence of {longest} tokens does not fit max_tokens_per_forward={max_tokens}; "
+            "raise max_tokens_per_forward (or shorten model.max_length)"
+        )
+
+
 def length_groups(
     lengths: Sequence[int], max_tokens: int, max_rows: int | None = None, overhead: int = GROUP_OVERHEAD_TOKENS
 ) -> list[list[int]]:
@@ -112,13 +127,9 @@ def length_groups(
     Raises:
         ValueError: a row longer than ``max_tokens``.
     """
+    check_fits(lengths, max_tokens)
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     sl = [int(lengths[i]) for i in order]
-    if sl and sl[-1] > max_tokens:
-        raise ValueError(
-            f"a sequence of {sl[-1]} tokens does not fit max_tokens_per_forward={max_tokens}; "
-            "raise max_tokens_per_forward (or shorten model.max_length)"
-        )
     n = len(sl)
     inf = float("inf")
     best = [0.0] + [inf] * n
