@@ -232,3 +232,8 @@ def test_recipe_settings_for_the_token_bound():
         ImportanceSettings(max_tokens_per_forward=0)
     with pytest.warns(FutureWarning, match="max_tokens_per_forward"):
         assert AttAttrSettings(chunk_size=64).chunk_size == 64
+
+
+def test_empty_loader_is_an_error(accelerator):
+    with pytest.raises(ValueError, match="no batch"):
+        imp.attention_importance(tiny_model(), [], accelerator, description=None)

@@ -73,10 +73,6 @@ def _sub_batches(model: nn.Module, batch: dict, max_tokens: int):
         yield index, compact(batch, rows, index, pad)
 
 
-def _summed(per_example: torch.Tensor) -> torch.Tensor:
-    return per_example.sum(0) if per_example.numel() else torch.zeros(0)
-
-
 def attattr_importance(
     model: nn.Module,
     dataloader,
@@ -119,7 +115,7 @@ def attattr_importance(
         return table
 
     (per_example,) = over_batches(dataloader, accelerator, description, work)
-    return _summed(per_example)
+    return per_example.sum(0)
 
 
 def taylor_importance(
@@ -164,7 +160,7 @@ def taylor_importance(
             (per_example,) = over_batches(dataloader, accelerator, description, work)
     finally:
         model.train(was_training)
-    total = _summed(per_example)
+    total = per_example.sum(0)
     if normalize:
         total = total / (total.norm(p=2, dim=-1, keepdim=True) + 1e-20)
     return total
@@ -276,7 +272,7 @@ def attention_importance(
         (per_example,) = over_batches(dataloader, accelerator, description, work)
     finally:
         model.train(was_training)
-    return _summed(per_example)
+    return per_example.sum(0)
 
 
 def random_importance(model: nn.Module, seed: int = 0) -> torch.Tensor:

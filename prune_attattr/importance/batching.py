@@ -204,7 +204,10 @@ def over_batches(
     main process when ``description`` is given.
 
     Returns:
-        A tuple with one ``[N, ...]`` tensor per output of ``work`` (empty tensors when the loader is empty).
+        A tuple with one ``[N, ...]`` tensor per output of ``work``.
+
+    Raises:
+        ValueError: the dataloader gave no batch (scores of no example would be zeros that look real).
     """
     it = progress(dataloader, description, accelerator) if description else dataloader
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -215,5 +218,5 @@ def over_batches(
         gathered = accelerator.gather_for_metrics(out)
         parts.append(tuple(t.cpu() for t in gathered))
     if not parts:
-        return (torch.zeros(0),)
+        raise ValueError(f"{description or 'importance'}: the dataloader gave no batch; give at least one example")
     return tuple(torch.cat(column) for column in zip(*parts))
