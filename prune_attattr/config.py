@@ -106,7 +106,23 @@ class AttAttrSettings(_Strict):
     mode: Literal["fast", "reference"] = "fast"
     quadrature: Literal["left", "midpoint", "gauss"] = "left"
     target: Literal["gold", "predicted"] = "gold"
-    chunk_size: int = Field(256, ge=1, description="max (example, alpha) rows per forward in fast mode")
+    chunk_size: int | None = Field(
+        None, ge=1, description="deprecated (rows per forward); use importance.max_tokens_per_forward"
+    )
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _deprecated_chunk_size(cls, v: int | None) -> int | None:
+        if v is not None:
+            import warnings
+
+            warnings.warn(
+                "importance.attattr.chunk_size is deprecated: it caps rows, not memory; "
+                "use importance.max_tokens_per_forward (tokens per forward, copies included)",
+                FutureWarning,  # shown to recipe users by default, unlike DeprecationWarning
+                stacklevel=2,
+            )
+        return v
 
 
 class ImportanceSettings(_Strict):
@@ -115,13 +131,16 @@ class ImportanceSettings(_Strict):
     Sample YAML::
 
         importance: {methods: [attattr, taylor, accuracy_difference, attention, random],
-                     examples: 200, source: train_heldout}
+                     examples: 200, source: train_heldout, max_tokens_per_forward: 16384}
     """
 
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     examples: int = Field(200, ge=1)
     source: Literal["train_heldout", "dev"] = "train_heldout"
     batch_size: int = Field(16, ge=1)
+    max_tokens_per_forward: int = Field(
+        16384, ge=1, description="memory bound of every method: rows x sequence length per forward, copies included"
+    )
     attattr: AttAttrSettings = Field(default_factory=AttAttrSettings)
 
     @field_validator("methods")

@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import AttentionControl
 from .models import forward_logits
+from .precision import autocast, resolve_precision
 from .progress import progress
 
 __all__ = ["load_metric", "predict", "compute_metrics", "evaluate_model"]
@@ -48,18 +49,29 @@ def predict(
     *,
     control: AttentionControl | None = None,
     description: str | None = None,
+    mixed_precision: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run ``model`` over a prepared ``dataloader`` on every process and gather the results.
 
+    ``mixed_precision`` (``"no"``, ``"bf16"``, ``"fp16"``; default: the accelerator's, i.e.
+    ``runtime.mixed_precision``) runs the forward under autocast on the accelerator's device type;
+    logits and losses are float32.
+
     Returns:
-        ``(logits [N, labels], labels [N], loss per example [N])`` on CPU, in dataloader order,
-        duplicates added by sharding removed (``gather_for_metrics``).
+        ``(logits [N, labels] float32, labels [N], loss per example [N] float32)`` on CPU, in
+        dataloader order, duplicates added by sharding removed (``gather_for_metrics``).
+
+    Raises:
+        ValueError: a precision the device cannot autocast to.
     """
     model.eval()
+    precision = resolve_precision(mixed_precision, accelerator)
     all_logits, all_labels, all_loss = [], [], []
     it = progress(dataloader, description, accelerator) if description else dataloader
     for batch in it:
-        logits = forward_logits(model, batch, control).float()
+        with autocast(batch["input_ids"].device, precision):
+            logits = forward_logits(model, batch, control)
+        logits = logits.float()
         loss = nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
         logits, labels, loss = accelerator.gather_for_metrics((logits, batch["labels"], loss))
         all_logits.append(logits.cpu())

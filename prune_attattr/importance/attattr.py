@@ -11,14 +11,23 @@ with a zero baseline. The paper uses the left Riemann sum ``alpha_i = i/m``, ``w
 ``i = 0..m-1``, ``m = 20``. By the completeness of integrated gradients, the sum of ``Attr`` over a
 layer approaches ``F(A) - F(0)`` as the quadrature converges.
 
+Every example is attributed on its own tokens: rows are read from ``attention_mask`` (right or left
+padding), grouped by length and run without their padding columns
+(:mod:`prune_attattr.importance.batching`); results go back to the caller's rows and columns. So
+the result, and the speed, do not depend on how the caller orders or pads the examples. Each
+forward holds at most ``max_tokens_per_forward`` tokens (rows x width, alpha copies included).
+
 Two procedures compute the same quantity:
 
 * ``mode="reference"``: the paper's procedure, one example at a time without padding; for every layer,
-  one forward of the whole model on the ``m`` scaled copies and one backward.
-* ``mode="fast"``: the layers below the target layer run once per batch and are reused for every
-  alpha; examples and alpha steps share one forward (``chunk_size`` rows at most); the backward
-  stops at the target layer; parameters get no gradients. With the same quadrature both modes agree
-  to float rounding; ``quadrature="gauss"`` (Gauss-Legendre) reaches the integral with far fewer steps.
+  a forward of the whole model on the ``m`` scaled copies (split by the token bound) and a backward.
+* ``mode="fast"``: per group of similar-length rows, the layers below the target layer run once and
+  are reused for every alpha; rows and alpha steps share a forward; the backward stops at the target
+  layer; parameters get no gradients. With the same quadrature both modes agree to float rounding;
+  ``quadrature="gauss"`` (Gauss-Legendre) reaches the integral with far fewer steps.
+
+Under ``mixed_precision="bf16"``/``"fp16"`` the forwards run in autocast; the scaled probabilities,
+their gradients and the attribution sums stay float32.
 
 A head's importance is the max of its attribution matrix over token pairs, summed over examples
 (section 4.1, "Attribution Score for Head Pruning").
@@ -27,6 +36,7 @@ A head's importance is the max of its attribution matrix over token pairs, summe
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -35,6 +45,8 @@ from torch import nn
 
 from ..attention import AttentionControl
 from ..models import classify, embed, encoder_layers, forward_logits, frozen, kept_heads, run_layers
+from ..precision import autocast, resolve_precision
+from .batching import Rows, check_fits, compact, length_groups, row_spans, split_evenly, token_budget
 
 Quadrature = Literal["left", "midpoint", "gauss"]
 Target = Literal["predicted", "gold"]
@@ -43,7 +55,9 @@ __all__ = [
     "quadrature_nodes",
     "attention_attribution",
     "iter_layer_attributions",
+    "iter_group_attributions",
     "attribution_head_scores",
+    "GroupAttribution",
 ]
 
 
@@ -87,103 +101,234 @@ def _target_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).gather(-1, target.view(-1, 1)).squeeze(-1)
 
 
-def _fast(model, batch, steps, target, layers, quadrature, chunk_size) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Same quantity as :func:`_reference`, with the work cut where it changes nothing:
+@dataclass
+class GroupAttribution:
+    """Attributions of one layer for one group of rows, compacted (every row starts at column 0).
 
-    * the layers below the target layer run once per batch (their output does not depend on alpha);
+    Attributes:
+        index: the caller's row of each group row, ``[r]``.
+        attr: float32 ``[r, kept_heads, W, W]`` (query, key); entries involving padding are 0.
+        probs: attention probabilities ``[r, kept_heads, W, W]`` (padding rows/columns as computed).
+        attention_mask: ``[r, W]`` of the compacted rows (1 = token).
+    """
+
+    index: list[int]
+    attr: torch.Tensor
+    probs: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+@dataclass
+class _Group:
+    index: list[int]
+    sub: dict[str, torch.Tensor]
+    mask: torch.Tensor | None = None
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)
+    target: torch.Tensor | None = None
+
+
+def _pad_id(model: nn.Module) -> int:
+    pad = getattr(model.config, "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def _groups(model, batch, rows: Rows, max_tokens: int, max_rows: int | None) -> list[_Group]:
+    """Length groups of the batch (:func:`length_groups`), each compacted to its own width."""
+    index_groups = length_groups(rows.length, max_tokens, max_rows)
+    pad = _pad_id(model)
+    return [_Group(index=g, sub=compact(batch, rows, g, pad)) for g in index_groups]
+
+
+def _prepare_fast(model, group: _Group, layers: list[int], target: Target, precision: str) -> None:
+    """One no-grad forward of the group: inputs and probabilities of the requested layers, the target class."""
+    device = group.sub["input_ids"].device
+    wanted = set(layers)
+    last = len(encoder_layers(model)) - 1
+    with torch.no_grad(), autocast(device, precision):
+        hidden, mask = embed(model, group.sub)
+        control = AttentionControl(record=wanted)
+        for i in range(last + 1):
+            if i in wanted:
+                group.inputs[i] = hidden
+            hidden = run_layers(model, hidden, mask, i, i + 1, control)
+        logits = classify(model, hidden)
+    group.mask = mask
+    group.probs = {k: v.detach() for k, v in control.recorded.items()}
+    group.target = _targets(logits, group.sub, target)
+
+
+def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: int, max_rows: int | None, precision: str):
+    """Attribution ``[r, kept, W, W]`` float32 of ``layer`` for one prepared group (see :func:`_fast_attributions`)."""
+    from ..models import layer_from_context, logits_from_layer, values
+    from ..models import repeat_batch as rep
+
+    enc_layers = encoder_layers(model)
+    last = len(enc_layers) - 1
+    probs = group.probs.pop(layer)
+    hidden_in = group.inputs.pop(layer)
+    device = probs.device
+    bsz, width = group.sub["input_ids"].shape
+    with torch.no_grad(), autocast(device, precision):
+        v = values(enc_layers[layer], hidden_in)
+    rows = probs[:, :, :1, :] if layer == last else probs  # only [CLS] reaches the classifier
+    rows32 = rows.float()
+    grad_sum = torch.zeros_like(rows32)
+    per = max(1, max_tokens // (bsz * width))
+    if max_rows is not None:
+        per = max(1, min(per, max_rows // bsz))
+    steps = alphas.shape[0]
+    for start, stop in split_evenly(steps, per):
+        a = alphas[start:stop].to(device)
+        w = weights[start:stop].to(device)
+        k = stop - start
+        scaled = (a.view(k, 1, 1, 1, 1) * rows32.unsqueeze(0)).reshape(k * bsz, *rows.shape[1:])
+        scaled.requires_grad_(True)
+        with torch.enable_grad(), autocast(device, precision):
+            context = torch.matmul(scaled, rep(v, k))
+            if layer == last:
+                out = layer_from_context(enc_layers[layer], context, rep(hidden_in[:, :1], k))
+                logits_a = classify(model, out)
+            else:
+                out = layer_from_context(enc_layers[layer], context, rep(hidden_in, k))
+                logits_a = logits_from_layer(model, out, rep(group.mask, k), layer + 1)
+            prob = _target_prob(logits_a, group.target.repeat(k))
+        (grad,) = torch.autograd.grad(prob.sum(), scaled)
+        grad_sum += (w.view(k, 1, 1, 1, 1) * grad.float().view(k, *rows.shape)).sum(0)
+    attr = torch.zeros(probs.shape, dtype=torch.float32, device=device)
+    attr[:, :, : rows.shape[2], :] = rows32 * grad_sum
+    return attr, probs
+
+
+def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision):
+    """Per layer, the :class:`GroupAttribution` of every length group (the fast procedure).
+
+    Same quantity as :func:`_reference_attributions`, with the work cut where it changes nothing:
+
+    * each length group runs at its own width; its layers below the target layer run once (their
+      output does not depend on alpha);
     * the target layer starts from its attention context ``(alpha A) @ V`` (``V`` computed once), so
       the scaled probabilities are the leaf of the backward and no Q/K/V projection is repeated;
     * the last layer is computed for the [CLS] query only (the classifier reads nothing else); for
       the last layer itself, only the [CLS] row of the attribution can be non-zero, and is;
-    * examples and alpha steps share one forward of at most ``chunk_size`` rows; parameters get no
-      gradients.
+    * rows and alpha steps share a forward of at most ``max_tokens`` tokens; parameters get no gradients.
     """
-    from ..models import layer_from_context, logits_from_layer, values
-    from ..models import repeat_batch as rep
-
     alphas, weights = quadrature_nodes(steps, quadrature)
-    enc_layers = encoder_layers(model)
-    last = len(enc_layers) - 1
-    with torch.no_grad():
-        hidden, mask = embed(model, batch)
-        control = AttentionControl(record=True)
-        inputs = [hidden]
-        for i in range(last + 1):
-            inputs.append(run_layers(model, inputs[-1], mask, i, i + 1, control))
-        logits = classify(model, inputs[-1])
-        tgt = _targets(logits, batch, target)
-    bsz = hidden.shape[0]
-    per_chunk = max(1, chunk_size // bsz)
-
+    groups = _groups(model, batch, rows, max_tokens, max_rows)
+    for g in groups:
+        _prepare_fast(model, g, layers, target, precision)
     for layer in layers:
-        probs = control.recorded.get(layer)
-        if probs is None:  # every head of this layer was pruned
+        if layer not in groups[0].probs:  # every head of this layer was pruned
             continue
-        probs = probs.detach()
-        with torch.no_grad():
-            v = values(enc_layers[layer], inputs[layer])
-        rows = probs[:, :, :1, :] if layer == last else probs  # only [CLS] reaches the classifier
-        grad_sum = torch.zeros_like(rows, dtype=torch.float32)
-        for start in range(0, steps, per_chunk):
-            a = alphas[start : start + per_chunk].to(probs.device, probs.dtype)
-            w = weights[start : start + per_chunk].to(probs.device)
-            k = a.shape[0]
-            scaled = (a.view(k, 1, 1, 1, 1) * rows.unsqueeze(0)).reshape(k * bsz, *rows.shape[1:])
-            scaled.requires_grad_(True)
-            with torch.enable_grad():
-                context = torch.matmul(scaled, rep(v, k))
-                if layer == last:
-                    out = layer_from_context(enc_layers[layer], context, rep(inputs[layer][:, :1], k))
-                    logits_a = classify(model, out)
-                else:
-                    out = layer_from_context(enc_layers[layer], context, rep(inputs[layer], k))
-                    logits_a = logits_from_layer(model, out, rep(mask, k), layer + 1)
-                prob = _target_prob(logits_a, tgt.repeat(k))
-                (grad,) = torch.autograd.grad(prob.sum(), scaled)
-            grad_sum += (w.view(k, 1, 1, 1, 1) * grad.float().view(k, *rows.shape)).sum(0)
-        attr = torch.zeros_like(probs, dtype=torch.float32)
-        attr[:, :, : rows.shape[2], :] = rows.float() * grad_sum
-        yield layer, attr, probs
+        out = []
+        for g in groups:
+            attr, probs = _fast_layer(model, g, layer, alphas, weights, max_tokens, max_rows, precision)
+            out.append(GroupAttribution(g.index, attr, probs, g.sub["attention_mask"]))
+        yield layer, out
 
 
-def _reference(model, batch, steps, target, layers, quadrature) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _reference_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision):
+    """The paper's procedure: one example at a time on its own tokens; per layer, whole-model forwards
+    of the scaled copies (at most ``max_tokens`` tokens each) and their backward."""
     alphas, weights = quadrature_nodes(steps, quadrature)
-    lengths = batch["attention_mask"].sum(-1).tolist()
-    bsz, seq = batch["input_ids"].shape
-    results = {layer: None for layer in layers}
-    for b in range(bsz):
-        n = int(lengths[b])
-        one = {k: v[b : b + 1, :n] for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        if "labels" in batch:
-            one["labels"] = batch["labels"][b : b + 1]
-        with torch.no_grad():
-            control = AttentionControl(record=True)
+    pad = _pad_id(model)
+    results: dict[int, list[GroupAttribution]] = {layer: [] for layer in layers}
+    for b in range(len(rows)):
+        one = compact(batch, rows, [b], pad)
+        n = rows.length[b]
+        device = one["input_ids"].device
+        with torch.no_grad(), autocast(device, precision):
+            control = AttentionControl(record=set(layers))
             logits = forward_logits(model, one, control)
-            tgt = _targets(logits, one, target)
-        rep = {k: v.expand(steps, -1) for k, v in one.items() if k != "labels"}
+        tgt = _targets(logits, one, target)
+        per = max(1, max_tokens // n)
+        if max_rows is not None:
+            per = min(per, max_rows)
         for layer in layers:
             probs = control.recorded.get(layer)
             if probs is None:
                 continue
             probs = probs.detach()
-            a = alphas.to(probs.device, probs.dtype)
-            scaled = (a.view(steps, 1, 1, 1) * probs).requires_grad_(True)
-            with torch.enable_grad():
-                logits_a = forward_logits(model, rep, AttentionControl(replace={layer: scaled}))
-                prob = _target_prob(logits_a, tgt.expand(steps))
+            probs32 = probs.float()
+            grad_sum = torch.zeros_like(probs32[0])
+            for start, stop in split_evenly(steps, per):
+                k = stop - start
+                a = alphas[start:stop].to(device)
+                w = weights[start:stop].to(device)
+                copies = {key: v.expand(k, -1) for key, v in one.items() if key != "labels"}
+                scaled = (a.view(k, 1, 1, 1) * probs32).requires_grad_(True)
+                with torch.enable_grad(), autocast(device, precision):
+                    logits_a = forward_logits(model, copies, AttentionControl(replace={layer: scaled}))
+                    prob = _target_prob(logits_a, tgt.expand(k))
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
-            attr = probs[0].float() * (weights.to(grad.device).view(steps, 1, 1, 1) * grad.float()).sum(0)
-            if results[layer] is None:
-                h = probs.shape[1]
-                results[layer] = (
-                    torch.zeros(bsz, h, seq, seq, device=probs.device),
-                    torch.zeros(bsz, h, seq, seq, device=probs.device, dtype=probs.dtype),
-                )
-            results[layer][0][b, :, :n, :n] = attr
-            results[layer][1][b, :, :n, :n] = probs[0]
+                grad_sum += (w.view(k, 1, 1, 1) * grad.float()).sum(0)
+            attr = (probs32[0] * grad_sum)[None]
+            results[layer].append(GroupAttribution([b], attr, probs, one["attention_mask"]))
     for layer in layers:
-        if results[layer] is not None:
-            yield layer, results[layer][0], results[layer][1]
+        if results[layer]:
+            yield layer, results[layer]
+
+
+def _check_layers(model, layers):
+    n_layers = len(encoder_layers(model))
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers")
+    return layers
+
+
+def iter_group_attributions(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    *,
+    steps: int = 20,
+    target: Target = "predicted",
+    layers: list[int] | None = None,
+    mode: Literal["fast", "reference"] = "fast",
+    quadrature: Quadrature = "left",
+    max_tokens_per_forward: int | None = None,
+    chunk_size: int | None = None,
+    mixed_precision: str | None = None,
+) -> Iterator[tuple[int, list[GroupAttribution]]]:
+    """Yield ``(layer, [GroupAttribution per group of rows])``: the attributions before they are placed back.
+
+    The cheapest form for per-example reductions (e.g. head scores): no ``[B, heads, T, T]`` tensor
+    in the caller's layout is built. Arguments as in :func:`attention_attribution`.
+    """
+    layers = _check_layers(model, layers)
+    if mode not in ("fast", "reference"):
+        raise ValueError(f"unknown mode '{mode}'; use fast or reference")
+    if target not in ("predicted", "gold"):
+        raise ValueError(f"unknown target '{target}'; use predicted or gold")
+    quadrature_nodes(steps, quadrature)  # validates steps and quadrature before any work
+    max_tokens, max_rows = token_budget(max_tokens_per_forward, chunk_size)
+    precision = resolve_precision(mixed_precision)
+    rows = row_spans(batch["attention_mask"])
+    if len(rows) == 0:
+        return
+    check_fits(rows.length, max_tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        with frozen(model):
+            run = _fast_attributions if mode == "fast" else _reference_attributions
+            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision)
+    finally:
+        model.train(was_training)
+
+
+def _place(groups: list[GroupAttribution], rows: Rows, bsz: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group results back at the caller's rows and columns: ``([B, kept, T, T] float32, probs [B, kept, T, T])``."""
+    heads = groups[0].attr.shape[1]
+    attr = torch.zeros(bsz, heads, rows.width, rows.width, device=device)
+    probs = torch.zeros(bsz, heads, rows.width, rows.width, device=device, dtype=groups[0].probs.dtype)
+    for g in groups:
+        for i, b in enumerate(g.index):
+            s, n = rows.start[b], rows.length[b]
+            attr[b, :, s : s + n, s : s + n] = g.attr[i, :, :n, :n]
+            probs[b, :, s : s + n, s : s + n] = g.probs[i, :, :n, :n]
+    return attr, probs
 
 
 def iter_layer_attributions(
@@ -195,31 +340,24 @@ def iter_layer_attributions(
     layers: list[int] | None = None,
     mode: Literal["fast", "reference"] = "fast",
     quadrature: Quadrature = "left",
-    chunk_size: int = 256,
+    max_tokens_per_forward: int | None = None,
+    chunk_size: int | None = None,
+    mixed_precision: str | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(layer, attribution [B, kept_heads, T, T] float32, probabilities [B, kept_heads, T, T])``.
 
-    Heads are the layer's current heads (see :func:`prune_attattr.models.kept_heads` for their
-    original indices); a layer with no heads left is skipped. Entries involving padding are 0.
-    Arguments as in :func:`attention_attribution`.
+    In the caller's rows and columns. Heads are the layer's current heads (see
+    :func:`prune_attattr.models.kept_heads` for their original indices); a layer with no heads left
+    is skipped. Entries involving padding are 0. Arguments as in :func:`attention_attribution`.
     """
-    n_layers = len(encoder_layers(model))
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    for layer in layers:
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {n_layers} layers")
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            if mode == "fast":
-                yield from _fast(model, batch, steps, target, layers, quadrature, chunk_size)
-            elif mode == "reference":
-                yield from _reference(model, batch, steps, target, layers, quadrature)
-            else:
-                raise ValueError(f"unknown mode '{mode}'; use fast or reference")
-    finally:
-        model.train(was_training)
+    rows = row_spans(batch["attention_mask"])
+    bsz = batch["input_ids"].shape[0]
+    for layer, groups in iter_group_attributions(
+        model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature,
+        max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=mixed_precision,
+    ):
+        attr, probs = _place(groups, rows, bsz, batch["input_ids"].device)
+        yield layer, attr, probs
 
 
 def attention_attribution(
@@ -231,38 +369,49 @@ def attention_attribution(
     layers: list[int] | None = None,
     mode: Literal["fast", "reference"] = "fast",
     quadrature: Quadrature = "left",
-    chunk_size: int = 256,
+    max_tokens_per_forward: int | None = None,
+    chunk_size: int | None = None,
+    mixed_precision: str | None = None,
 ) -> torch.Tensor:
     """Self-attention attribution scores (Hao et al. 2021, Eq. 2-3) for every head of the chosen layers.
+
+    Each example is attributed on its own tokens (what the model computes for it alone), whatever
+    the order of the rows and the side of the padding; rows of similar length share forwards.
 
     Args:
         model: BERT-family sequence classifier loaded by :func:`prune_attattr.load_classifier`
             (any model whose attention implementation is ``prune_attattr``), possibly pruned.
-        batch: ``input_ids [B, T]``, ``attention_mask [B, T]``, optional ``token_type_ids [B, T]``,
-            and ``labels [B]`` when ``target="gold"``.
+        batch: ``input_ids [B, T]``, ``attention_mask [B, T]`` (right or left padding), optional
+            ``token_type_ids [B, T]``, and ``labels [B]`` when ``target="gold"``.
         steps: number of quadrature steps m (paper: 20).
         target: class whose probability is attributed: the model's prediction or the gold label.
         layers: layer indices to attribute (default: all), in the order of the output's dim 1.
         mode: ``"reference"`` (paper's procedure) or ``"fast"`` (same quantity, batched, reused).
         quadrature: ``"left"`` Riemann (paper), ``"midpoint"`` or ``"gauss"`` (Gauss-Legendre).
-        chunk_size: at most this many (example, alpha) rows per forward in fast mode.
+        max_tokens_per_forward: at most this many tokens (rows x width, alpha copies included) in
+            one forward; default 16384.
+        chunk_size: deprecated; if given, also at most this many rows per forward.
+        mixed_precision: ``"no"`` (default), ``"bf16"`` or ``"fp16"``: autocast on the batch's
+            device type; attribution sums stay float32.
 
     Returns:
-        float32 tensor ``[B, len(layers), num_attention_heads, T, T]`` (query, key); the unit is the
-        target-class probability. Pruned heads and padded positions are 0.
+        float32 tensor ``[B, len(layers), num_attention_heads, T, T]`` (query, key) in the caller's
+        rows and columns; the unit is the target-class probability. Pruned heads and padded
+        positions are 0.
 
     Raises:
-        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature`` or layer index.
+        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature``, layer index, token bound,
+            precision, an empty row, padding between tokens, or a row longer than the token bound.
     """
-    n_layers = len(encoder_layers(model))
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    layers = _check_layers(model, layers)
     bsz, seq = batch["input_ids"].shape
     n_heads = model.config.num_attention_heads
     out = torch.zeros(bsz, len(layers), n_heads, seq, seq, device=batch["input_ids"].device)
     heads = kept_heads(model)
     position = {layer: i for i, layer in enumerate(layers)}
     for layer, attr, _ in iter_layer_attributions(
-        model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature, chunk_size=chunk_size
+        model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature,
+        max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=mixed_precision,
     ):
         out[:, position[layer], heads[layer]] = attr
     return out
@@ -280,5 +429,5 @@ def attribution_head_scores(attr: torch.Tensor, attention_mask: torch.Tensor) ->
     """
     valid = attention_mask.bool()
     pair = (valid[:, :, None] & valid[:, None, :])[:, None]
-    masked = attr.masked_fill(~pair, float("-inf"))
+    masked = attr.float().masked_fill(~pair, float("-inf"))
     return masked.flatten(2).max(-1).values
