@@ -43,7 +43,8 @@ def _args():
     p.add_argument("--batch-size", type=int, default=None, help="fast path examples per batch (default: recipe)")
     p.add_argument("--fast-quadrature", default=None, help="default: the recipe's")
     p.add_argument("--fast-steps", type=int, default=None, help="default: the recipe's")
-    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None, help="deprecated row cap per forward")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per forward (default: the recipe's importance.max_tokens_per_forward)")
     p.add_argument("--ref-steps", type=int, default=20)
     p.add_argument("--also", nargs="*", default=[], metavar="QUADRATURE:STEPS", help="extra fast variants to time and compare, e.g. left:20 gauss:3")
     p.add_argument("--no-curves", action="store_true")
@@ -83,12 +84,10 @@ def _plain_attattr(model, one, steps=20):
 def _unsorted(args, console) -> int:
     from transformers import AutoTokenizer
 
-    from prune_attattr import attention_attribution, load_classifier
+    from prune_attattr import attention_attribution, load_classifier, load_recipe
     from prune_attattr.attention import register_attention
     from prune_attattr.models import frozen, resolve_model_path
     from prune_attattr.tasks import glue_path, read_examples
-
-    from prune_attattr import load_recipe
 
     examples = args.examples if args.examples != 200 else 32
     bsz = args.batch_size or 16
@@ -143,7 +142,8 @@ def _unsorted(args, console) -> int:
             return [_plain_attattr(model, one) for one in singles]
 
     def api(batch_list):
-        return [attention_attribution(model, b) for b in batch_list]
+        kwargs = {"max_tokens_per_forward": args.max_tokens} if args.max_tokens else {}  # default: the API's own
+        return [attention_attribution(model, b, **kwargs) for b in batch_list]
 
     t_plain, ref = timed(plain)
     t_unsorted, got_unsorted = timed(lambda: api(unsorted_batches))
@@ -193,7 +193,7 @@ def _unsorted(args, console) -> int:
     return 0
 
 
-def _completeness(model, loader, mode, steps, quadrature, chunk, max_batches=2):
+def _completeness(model, loader, mode, steps, quadrature, chunk, max_tokens=None, max_batches=2):
     """Mean over (example, layer) of |Σ Attr - (F(A) - F(0))| / mean |F(A) - F(0)|."""
     from prune_attattr import AttentionControl, attention_attribution
     from prune_attattr.models import forward_logits
@@ -202,7 +202,7 @@ def _completeness(model, loader, mode, steps, quadrature, chunk, max_batches=2):
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        attr = attention_attribution(model, batch, steps=steps, mode=mode, quadrature=quadrature, chunk_size=chunk, target="gold")
+        attr = attention_attribution(model, batch, steps=steps, mode=mode, quadrature=quadrature, chunk_size=chunk, max_tokens_per_forward=max_tokens, target="gold")
         with torch.no_grad():
             ctrl = AttentionControl(record=True)
             p = forward_logits(model, batch, ctrl).softmax(-1).gather(1, batch["labels"][:, None]).squeeze(1)
@@ -244,6 +244,7 @@ def main() -> int:
     fast_q = args.fast_quadrature or a.quadrature
     fast_m = args.fast_steps or a.steps
     chunk = args.chunk_size or a.chunk_size  # deprecated row cap; None: token bound only
+    max_tokens = args.max_tokens or recipe.importance.max_tokens_per_forward
     bsz = args.batch_size or recipe.importance.batch_size
     prep = prepare(recipe, accelerator, quiet=True)
     model, imp_enc = prep.model, prep.imp_enc
@@ -267,14 +268,14 @@ def main() -> int:
     ref = attattr_importance(model, loader, accelerator, steps=args.ref_steps, mode="reference", quadrature="left", target="gold", description="reference (paper)")
     t_ref = time.perf_counter() - t
     t = time.perf_counter()
-    fast = attattr_importance(model, loader, accelerator, steps=fast_m, mode="fast", quadrature=fast_q, chunk_size=chunk, target="gold", description="fast")
+    fast = attattr_importance(model, loader, accelerator, steps=fast_m, mode="fast", quadrature=fast_q, chunk_size=chunk, max_tokens_per_forward=max_tokens, target="gold", description="fast")
     t_fast = time.perf_counter() - t
 
     variants = []
     for spec in args.also:
         q, m = spec.split(":")
         t = time.perf_counter()
-        other = attattr_importance(model, loader, accelerator, steps=int(m), mode="fast", quadrature=q, chunk_size=chunk, target="gold", description=f"fast {spec}")
+        other = attattr_importance(model, loader, accelerator, steps=int(m), mode="fast", quadrature=q, chunk_size=chunk, max_tokens_per_forward=max_tokens, target="gold", description=f"fast {spec}")
         secs = time.perf_counter() - t
         variants.append({
             "quadrature": q, "steps": int(m), "seconds": secs, "speedup": t_ref / secs,
@@ -286,8 +287,8 @@ def main() -> int:
     rel = ((fast - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
     rel_to_max = ((fast - ref).abs().max() / ref.abs().max()).item()
     small = make_dataloader(imp_enc.subset(range(min(16, len(imp_enc)))), batch_size=8, pad_id=prep.ctx.pad_id)
-    comp_ref = _completeness(model, small, "reference", args.ref_steps, "left", chunk)
-    comp_fast = _completeness(model, small, "fast", fast_m, fast_q, chunk)
+    comp_ref = _completeness(model, small, "reference", args.ref_steps, "left", chunk, max_tokens)
+    comp_fast = _completeness(model, small, "fast", fast_m, fast_q, chunk, max_tokens)
 
     curve_diff = None
     curves = {}
@@ -302,7 +303,7 @@ def main() -> int:
         "examples": len(imp_enc),
         "threads": torch.get_num_threads(),
         "reference": {"mode": "reference", "quadrature": "left", "steps": args.ref_steps, "seconds": t_ref},
-        "fast": {"mode": "fast", "quadrature": fast_q, "steps": fast_m, "batch_size": bsz, "chunk_size": chunk, "seconds": t_fast},
+        "fast": {"mode": "fast", "quadrature": fast_q, "steps": fast_m, "batch_size": bsz, "chunk_size": chunk, "max_tokens_per_forward": max_tokens, "seconds": t_fast},
         "speedup": t_ref / t_fast,
         "spearman": rho,
         "max_rel_diff_per_head": rel,

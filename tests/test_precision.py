@@ -104,7 +104,7 @@ def test_importance_follows_accelerator_precision(method):
 
 def test_evaluation_follows_accelerator_precision():
     model, batch = tiny_model(init=0.1), tiny_batch(batch=6, seq=10)
-    logits32, labels32, loss32 = predict(model, _loader(batch), _stub_accelerator("no"))
+    logits32, labels32, _ = predict(model, _loader(batch), _stub_accelerator("no"))
     meter = DtypeMeter(model)
     logits, labels, loss = predict(model, _loader(batch), _stub_accelerator("bf16"))
     meter.close()

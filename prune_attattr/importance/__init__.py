@@ -21,8 +21,19 @@ from torch import nn
 
 from ..attention import AttentionControl
 from ..evaluation import compute_metrics
-from ..models import classify, embed, encoder_layers, forward_logits, frozen, kept_heads, logits_from_layer, repeat_batch, run_layers
+from ..models import (
+    classify,
+    embed,
+    encoder_layers,
+    forward_logits,
+    frozen,
+    kept_heads,
+    logits_from_layer,
+    repeat_batch,
+    run_layers,
+)
 from ..precision import autocast, resolve_precision
+from ..registry import METHODS
 from .attattr import (
     attention_attribution,
     attribution_head_scores,
@@ -30,9 +41,15 @@ from .attattr import (
     iter_layer_attributions,
     quadrature_nodes,
 )
-from .batching import DEFAULT_MAX_TOKENS, compact, length_groups, over_batches, row_spans, split_evenly, token_budget
-
-from ..registry import METHODS
+from .batching import (
+    DEFAULT_MAX_TOKENS,
+    compact,
+    length_groups,
+    over_batches,
+    row_spans,
+    split_evenly,
+    token_budget,
+)
 
 __all__ = [
     "METHODS",

@@ -44,9 +44,25 @@ import torch
 from torch import nn
 
 from ..attention import AttentionControl
-from ..models import classify, embed, encoder_layers, forward_logits, frozen, kept_heads, run_layers
+from ..models import (
+    classify,
+    embed,
+    encoder_layers,
+    forward_logits,
+    frozen,
+    kept_heads,
+    run_layers,
+)
 from ..precision import autocast, resolve_precision
-from .batching import Rows, check_fits, compact, length_groups, row_spans, split_evenly, token_budget
+from .batching import (
+    Rows,
+    check_fits,
+    compact,
+    length_groups,
+    row_spans,
+    split_evenly,
+    token_budget,
+)
 
 Quadrature = Literal["left", "midpoint", "gauss"]
 Target = Literal["predicted", "gold"]
