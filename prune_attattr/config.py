@@ -362,6 +362,11 @@ class Recipe(_Strict):
             raise ValueError(
                 f"export.method '{self.export.method}' is not in importance.methods {self.importance.methods}"
             )
+        if self.importance.max_tokens_per_forward < self.model.max_length:
+            raise ValueError(
+                f"importance.max_tokens_per_forward {self.importance.max_tokens_per_forward} is below model.max_length "
+                f"{self.model.max_length}: one sequence must fit one forward; raise it to at least {self.model.max_length}"
+            )
         if self.export.enabled and not self.pruning.enabled:
             raise ValueError("export.enabled needs pruning.enabled (the exported model is a step of a pruning curve)")
         a = self.analyses

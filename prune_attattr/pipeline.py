@@ -264,17 +264,18 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
 
 def _importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
     r = ctx.recipe
+    bound = {"max_tokens_per_forward": r.importance.max_tokens_per_forward}
     if method == "attattr":
         a = r.importance.attattr
         return imp.attattr_importance(
-            model, loader, ctx.accelerator, steps=a.steps, target=a.target, mode=a.mode, quadrature=a.quadrature, chunk_size=a.chunk_size
+            model, loader, ctx.accelerator, steps=a.steps, target=a.target, mode=a.mode, quadrature=a.quadrature, chunk_size=a.chunk_size, **bound
         )
     if method == "taylor":
-        return imp.taylor_importance(model, loader, ctx.accelerator)
+        return imp.taylor_importance(model, loader, ctx.accelerator, **bound)
     if method == "accuracy_difference":
-        return imp.accuracy_difference_importance(model, loader, ctx.accelerator, metrics=ctx.metrics)
+        return imp.accuracy_difference_importance(model, loader, ctx.accelerator, metrics=ctx.metrics, **bound)
     if method == "attention":
-        return imp.attention_importance(model, loader, ctx.accelerator)
+        return imp.attention_importance(model, loader, ctx.accelerator, **bound)
     if method == "random":
         return imp.random_importance(model, seed=r.seed)
     raise RunError(f"unknown method {method}")

@@ -123,3 +123,37 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     code, err = _run_cli(tmp_path, monkeypatch, capsys, text)
     assert code == 130 and "interrupted" in err, err
     assert list((tmp_path / "exported").iterdir()) == []
+
+
+def test_token_bound_below_max_length_is_one_recipe_error(tmp_path):
+    """A forward must hold at least one whole sequence: the bound is checked against model.max_length."""
+    from prune_attattr.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="max_tokens_per_forward 32 is below model.max_length 64"):
+        load_recipe(None, ["importance.max_tokens_per_forward=32", "model.max_length=64"])
+
+
+def test_pipeline_passes_the_token_bound_to_every_method(monkeypatch):
+    """importance.max_tokens_per_forward reaches each scoring method (not only the recipe)."""
+    from types import SimpleNamespace
+
+    from prune_attattr import importance as imp
+    from prune_attattr import pipeline
+    from prune_attattr.config import load_recipe
+
+    seen = {}
+
+    def spy(name):
+        def fn(*args, **kwargs):
+            seen[name] = kwargs.get("max_tokens_per_forward")
+            return None
+
+        return fn
+
+    for name in ("attattr_importance", "taylor_importance", "accuracy_difference_importance", "attention_importance"):
+        monkeypatch.setattr(imp, name, spy(name))
+    recipe = load_recipe(None, ["importance.max_tokens_per_forward=4096"])
+    ctx = SimpleNamespace(recipe=recipe, accelerator=None, metrics=["accuracy"])
+    for method in ("attattr", "taylor", "accuracy_difference", "attention"):
+        pipeline._importance(method, None, None, ctx)
+    assert seen == {n: 4096 for n in seen} and len(seen) == 4
