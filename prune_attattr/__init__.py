@@ -8,6 +8,7 @@ Library API (the CLI is a thin layer over it):
 - :mod:`prune_attattr.importance` - head importance: ``attattr``, ``taylor``, ``accuracy_difference``,
   ``attention``, ``random``
 - :func:`pruning_curve` - incremental pruning with evaluation after each step
+- :func:`recover` - recovery training of a pruned model, distilled from the unpruned one
 - :func:`run` with :func:`load_recipe` - the whole pipeline of ``prune-attattr recipe.yaml``
 """
 
@@ -18,6 +19,7 @@ from .importance.attattr import attention_attribution
 from .models import kept_heads, load_classifier
 from .pipeline import run
 from .pruning import heads_to_prune, prune_heads, pruning_curve
+from .recovery import recover
 
 __version__ = "0.1.0"
 
@@ -36,4 +38,5 @@ __all__ = [
     "heads_to_prune",
     "prune_heads",
     "pruning_curve",
+    "recover",
 ]

