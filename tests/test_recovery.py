@@ -271,14 +271,14 @@ def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     model_dir = _tiny_model_dir(tmp_path / "tiny")
-    train, dev = _keyword_task(tmp_path / "train.csv", 256, 0), _keyword_task(tmp_path / "dev.csv", 96, 1)
+    train, dev = _keyword_task(tmp_path / "train.csv", 480, 0), _keyword_task(tmp_path / "dev.csv", 96, 1)
     recipe = load_recipe(None, [
         f"model.path={model_dir}", "model.max_length=16", "seed=1",
         f"data={{task: custom, train_file: {train}, dev_file: {dev}, text_column: text, label_column: label, labels: [neg, pos]}}",
-        "finetune.train_examples=224", "finetune.batch_size=16", "finetune.learning_rate=3e-3", "finetune.epochs=3", "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}",
+        "finetune.train_examples=448", "finetune.batch_size=16", "finetune.learning_rate=3e-3", "finetune.epochs=4", "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}",
         "importance.methods=[attattr]", "importance.examples=32", "importance.attattr.steps=2",
         "pruning.step_fraction=0.25", "export.max_drop=0.02", "export.onnx=false",
-        "recovery.enabled=true", "recovery.train_examples=96", "recovery.batch_size=16", "recovery.learning_rate=3e-3",
+        "recovery.enabled=true", "recovery.train_examples=128", "recovery.batch_size=16", "recovery.learning_rate=3e-3",
     ])
     report = run(recipe)
     out = tmp_path / "exported" / "run"
