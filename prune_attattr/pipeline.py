@@ -657,8 +657,8 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     with ctx.stage("recovery"):
         state.ensure(prep)
 
-        def start_model(i: int, pruned: dict) -> torch.nn.Module:
-            snaps = state.snapshots
+        def start_model(i: int, pruned: dict, on_curve: bool) -> torch.nn.Module:
+            snaps = state.snapshots if on_curve else {}  # a step off the curve starts from the unpruned model
             if i in snaps:
                 return copy.deepcopy(snaps[i])
             base = snaps[i - 1] if i - 1 in snaps else model
@@ -667,7 +667,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
         def recovered_metric(i: int, pruned: dict | None = None) -> float:
             on_curve = pruned is None
             pruned = curve[i].pruned_heads if on_curve else pruned
-            student = start_model(i, pruned)
+            student = start_model(i, pruned, on_curve)
             before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
             info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
             after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
