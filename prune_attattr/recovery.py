@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .finetune import optimizer_and_schedule
-from .models import forward_logits, kept_heads
+from .models import forward_logits, input_names, kept_heads
 from .progress import progress
 from .tasks import Encoded, make_dataloader
 
@@ -184,11 +184,12 @@ def recover(pruned: nn.Module, teacher: nn.Module | None, dataloader, accelerato
     optimizer, scheduler = optimizer_and_schedule(pruned, settings, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(pruned, optimizer, dataloader, scheduler)
     model.train()
+    names = input_names(accelerator.unwrap_model(model))  # the wrapper (DDP) is no transformers model
     running = None
     for epoch in range(settings.epochs):
         sampler.set_epoch(epoch)
         for batch in progress(loader, f"recovery epoch {epoch + 1}/{settings.epochs}", accelerator):
-            logits = forward_logits(model, batch)
+            logits = model(**{k: batch[k] for k in names if k in batch}).logits
             teach = table[batch[INDEX_KEY]] if table is not None else None
             loss = kd_loss(logits, teach, batch["labels"], alpha=alpha, temperature=temp)
             accelerator.backward(loss)
