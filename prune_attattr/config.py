@@ -241,7 +241,8 @@ class TreeSettings(_Strict):
 
 
 class TriggerSettings(_Strict):
-    """Adversarial triggers from attribution patterns (section 6).
+    """Adversarial triggers from attribution patterns (Hao et al. 2021, section 6), as the official
+    ``run_adver_connection.py`` / ``run_adver_evaluate.py`` do it (github.com/YRdddream/attattr).
 
     Sample YAML::
 
@@ -249,26 +250,47 @@ class TriggerSettings(_Strict):
     """
 
     enabled: bool = False
-    examples: int = Field(500, ge=1, description="training examples the patterns are extracted from")
-    steps: int = Field(64, ge=1)
+    examples: int = Field(500, ge=1, description="first N training examples the patterns come from (paper: 500)")
+    min_tokens: int = Field(0, ge=0, description="skip source examples with fewer tokens (official code: 15 for SST-2)")
+    steps: int = Field(64, ge=1, description="paper/official code: left Riemann, m = 64")
     quadrature: Literal["left", "midpoint", "gauss"] = "left"
     mode: Literal["fast", "reference"] = "fast"
-    top: int = Field(10, ge=1, description="patterns attacked and reported")
+    threshold: float = Field(0.02, ge=0, description="drop patterns whose top1 + top2 attribution is below this")
+    pair_ratio: float = Field(0.2, ge=0, description="insert the top-2 pair's tokens too when top2/top1 >= this")
+    top: int | None = Field(10, ge=1, description="patterns attacked, highest score first; null = every valid pattern")
+    dev_examples: int | None = Field(None, ge=1, description="attack the first N dev examples; null = all")
 
 
 class EffectivenessSettings(_Strict):
-    """Pruning attention connections by attribution vs by attention score (section 4.1).
+    """Effectiveness of attribution (section 4.1): per example, the top-k heads of every layer by
+    attribution score (gold label) or by attention score are masked, k = 0..heads.
 
     Sample YAML::
 
-        effectiveness: {enabled: true, examples: 200, fractions: [0, 0.01, 0.05, 0.1, 0.2]}
+        effectiveness: {enabled: true, examples: 200, steps: 20, quadrature: left}
+    """
+
+    enabled: bool = False
+    examples: int | None = Field(200, ge=1, description="first N dev examples; null = all")
+    steps: int = Field(20, ge=1, description="paper: left Riemann, m = 20")
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
+    mode: Literal["fast", "reference"] = "fast"
+
+
+class ConnectionsSettings(_Strict):
+    """A variant of section 4.1 (not the paper's experiment): prune single attention connections
+    (layer, head, query, key) by attribution vs by attention probability.
+
+    Sample YAML::
+
+        connections: {enabled: true, examples: 200, fractions: [0, 0.01, 0.05, 0.1, 0.2]}
     """
 
     enabled: bool = False
     examples: int = Field(200, ge=1, description="dev examples")
     fractions: list[float] = Field(default_factory=lambda: [0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3])
-    steps: int = Field(3, ge=1)
-    quadrature: Literal["left", "midpoint", "gauss"] = "gauss"
+    steps: int = Field(20, ge=1)
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
 
     @field_validator("fractions")
     @classmethod
@@ -315,8 +337,8 @@ class UniversalitySettings(_Strict):
     enabled: bool = False
     examples: int = Field(200, ge=1, description="examples per set (at most)")
     sets: list[UniversalitySet] = Field(default_factory=list)
-    steps: int = Field(3, ge=1)
-    quadrature: Literal["left", "midpoint", "gauss"] = "gauss"
+    steps: int = Field(20, ge=1, description="paper: left Riemann, m = 20")
+    quadrature: Literal["left", "midpoint", "gauss"] = "left"
 
 
 class AnalysesSettings(_Strict):
@@ -325,6 +347,7 @@ class AnalysesSettings(_Strict):
     tree: TreeSettings = Field(default_factory=TreeSettings)
     triggers: TriggerSettings = Field(default_factory=TriggerSettings)
     effectiveness: EffectivenessSettings = Field(default_factory=EffectivenessSettings)
+    connections: ConnectionsSettings = Field(default_factory=ConnectionsSettings)
     universality: UniversalitySettings = Field(default_factory=UniversalitySettings)
 
 
@@ -383,11 +406,6 @@ class Recipe(_Strict):
                 raise ValueError(f"data.{extra[0]} is only for data.task 'custom' (task is '{d.task}')")
             if d.dataset is not None or d.dataset_config is not None:
                 raise ValueError(f"data.dataset is only for data.task 'dataset' (task is '{d.task}')")
-        if d.task == "mnli" and (self.finetune.enabled or self.importance.source == "train_heldout"):
-            raise ValueError(
-                "data.task 'mnli' ships only dev_matched: set finetune.enabled false (use an MNLI-trained "
-                "model.path) and importance.source dev"
-            )
         if self.export.enabled and self.export.method not in self.importance.methods:
             raise ValueError(
                 f"export.method '{self.export.method}' is not in importance.methods {self.importance.methods}"
@@ -404,8 +422,6 @@ class Recipe(_Strict):
             raise ValueError("analyses.tree.enabled needs analyses.tree.examples (a list of {text, pair})")
         if a.universality.enabled and len(a.universality.sets) < 2:
             raise ValueError("analyses.universality.enabled needs at least 2 analyses.universality.sets")
-        if a.triggers.enabled and self.data.task == "mnli":
-            raise ValueError("analyses.triggers extracts patterns from training examples; data.task 'mnli' has none here")
         if self.export.enabled and self.export.heads is None and self.export.max_drop is None:
             raise ValueError("export needs export.max_drop or export.heads (heads wins when both are set)")
         self._recovery_checks()

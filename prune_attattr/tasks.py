@@ -1,7 +1,7 @@
 """Datasets: the GLUE tasks shipped with the package, user files, tokenisation, and the dataloader factory.
 
-GLUE SST-2, MRPC, RTE (train + dev) and MNLI (dev_matched only) live in ``prune_attattr/data/glue``
-(see its PROVENANCE.md). Files are read as the GLUE processors read them: TSV with quoting disabled,
+GLUE SST-2, MRPC, RTE (train + dev) and MNLI (a 21,409-pair subset of train, and dev_matched) live in
+``prune_attattr/data/glue`` (see its PROVENANCE.md). Files are read as the GLUE processors read them: TSV with quoting disabled,
 MRPC's header BOM stripped. :func:`make_dataloader` is the single place where examples become
 batches, so tests swap data there.
 """
@@ -54,19 +54,40 @@ class TaskSpec:
     train_file: str | None
     dev_file: str
     metrics: tuple[str, ...] = ("accuracy",)
+    label_names: tuple[str, ...] | None = None  # human-readable names for pictures, same order as labels
+
+    def display_labels(self) -> list[str]:
+        """Names to show for the classes: ``label_names`` when set, else the labels as in the file."""
+        return list(self.label_names or self.labels)
 
 
 GLUE_TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec("sst2", "sentence", None, "label", ("0", "1"), "SST-2/train.tsv", "SST-2/dev.tsv"),
+    "sst2": TaskSpec(
+        "sst2", "sentence", None, "label", ("0", "1"), "SST-2/train.tsv", "SST-2/dev.tsv", label_names=("negative", "positive")
+    ),
     "mrpc": TaskSpec(
-        "mrpc", "#1 String", "#2 String", "Quality", ("0", "1"), "MRPC/train.tsv", "MRPC/dev.tsv", ("accuracy", "f1")
+        "mrpc",
+        "#1 String",
+        "#2 String",
+        "Quality",
+        ("0", "1"),
+        "MRPC/train.tsv",
+        "MRPC/dev.tsv",
+        ("accuracy", "f1"),
+        label_names=("not_equivalent", "equivalent"),
     ),
     "rte": TaskSpec(
         "rte", "sentence1", "sentence2", "label", ("entailment", "not_entailment"), "RTE/train.tsv", "RTE/dev.tsv"
     ),
-    # GLUE's MnliProcessor label order. Only dev_matched ships (no training split is available here).
+    # GLUE's MnliProcessor label order. train.jsonl is a 21,409-pair subset of MNLI train (PROVENANCE.md).
     "mnli": TaskSpec(
-        "mnli", "premise", "hypothesis", "label", ("contradiction", "entailment", "neutral"), None, "MNLI/dev_matched.jsonl"
+        "mnli",
+        "premise",
+        "hypothesis",
+        "label",
+        ("contradiction", "entailment", "neutral"),
+        "MNLI/train.jsonl",
+        "MNLI/dev_matched.jsonl",
     ),
 }
 

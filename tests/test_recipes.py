@@ -48,7 +48,7 @@ def _run_cli(tmp_path, monkeypatch, capsys, text, *extra):
         ("importance: {methods: [attattr, magic]}\n", "unknown method(s) ['magic']"),
         ("data: {task: sst3}\n", "key 'data.task'"),
         ("export: {method: taylor}\nimportance: {methods: [attattr]}\n", "export.method 'taylor'"),
-        ("data: {task: mnli}\n", "ships only dev_matched"),
+        ("analyses: {universality: {enabled: true, sets: [{name: a, task: mnli}]}}\n", "at least 2 analyses.universality.sets"),
         ("data: {task: custom, dev_file: d.csv}\n", "needs data.text_column"),
         ("model: [1, 2\n", "not valid YAML"),
     ],

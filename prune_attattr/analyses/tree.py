@@ -15,13 +15,10 @@ Construction, for one example and its layer-wise attribution summed over heads
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-
 import torch
 
-__all__ = ["TreeEdge", "AttributionTree", "build_tree", "layer_attribution_maps", "tree_for_text", "draw_tree", "rich_tree"]
+__all__ = ["TreeEdge", "AttributionTree", "build_tree", "layer_attribution_maps", "tree_for_text"]
 
 
 @dataclass
@@ -138,53 +135,3 @@ def tree_for_text(
     tree.text = text if pair is None else f"{text} ||| {pair}"
     tree.prediction = labels[pred] if labels else str(pred)
     return tree
-
-
-def rich_tree(tree: AttributionTree):
-    """A ``rich.tree.Tree`` of the attribution tree (children under the query they flow into)."""
-    from rich.tree import Tree
-
-    label = lambda t: f"[bold]{tree.tokens[t]}[/] #{t}"  # noqa: E731
-    top = Tree(f"{label(tree.root)} (root; prediction {tree.prediction})")
-    nodes = {tree.root: top}
-    for e in sorted(tree.edges, key=lambda e: -e.layer):
-        parent = nodes[e.query]
-        nodes[e.key] = parent.add(f"{label(e.key)}  [dim]layer {e.layer + 1}, score {e.score:.2f}[/]")
-    return top
-
-
-def draw_tree(tree: AttributionTree, path: Path) -> None:
-    """PNG/SVG drawing: tokens on the x axis by position, layers on the y axis, edges key -> query."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(tree.tokens)
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * n + 1), 0.45 * tree.num_layers + 2.5), dpi=130)
-    for t, layer in tree.joined.items():  # a token's representation exists from the input up to where it joins
-        ax.plot([t, t], [0, layer], color="0.85", lw=1, zorder=0)
-    for e in tree.edges:
-        ax.annotate("", xy=(e.query, e.layer + 1), xytext=(e.key, e.layer), arrowprops=dict(arrowstyle="->", color=plt.cm.viridis(min(1.0, e.score)), lw=1 + 2 * e.score))
-        ax.text((e.query + e.key) / 2, e.layer + 0.5, f"{e.score:.2f}", fontsize=7, ha="center", color="0.3")
-    for t, layer in tree.joined.items():
-        ax.scatter([t], [layer], s=70, color="crimson" if t == tree.root else "tab:blue", zorder=3)
-        ax.text(t, layer + 0.18, tree.tokens[t], fontsize=8, ha="center", va="bottom", zorder=4)
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(tree.tokens, rotation=60, fontsize=8)
-    ax.set_yticks(range(tree.num_layers + 1))
-    ax.set_yticklabels(["input"] + [f"layer {i}" for i in range(1, tree.num_layers + 1)], fontsize=8)
-    ax.set_ylim(-0.5, tree.num_layers + 0.8)
-    ax.set_title(f"attribution tree (tau = {tree.threshold}); prediction: {tree.prediction}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def save_tree(tree: AttributionTree, directory: Path, name: str) -> dict:
-    """Write ``<name>.json`` and ``<name>.png``; return the JSON dict."""
-    directory.mkdir(parents=True, exist_ok=True)
-    data = tree.to_dict()
-    (directory / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
-    draw_tree(tree, directory / f"{name}.png")
-    return data

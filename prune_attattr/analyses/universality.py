@@ -15,7 +15,7 @@ import torch
 from ..importance import attattr_importance
 from ..tasks import Encoded, make_dataloader
 
-__all__ = ["pearson", "importance_maps", "plot_universality"]
+__all__ = ["pearson", "importance_maps"]
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,28 +39,3 @@ def importance_maps(model, sets: dict[str, tuple[Encoded, str]], accelerator, *,
         maps[name] = attattr_importance(model, loader, accelerator, steps=steps, quadrature=quadrature, mode=mode, target=target, description=f"importance on {name}")
     pairs = [{"a": a, "b": b, "r": pearson(maps[a], maps[b])} for a, b in itertools.combinations(maps, 2)]
     return {"maps": {k: v.tolist() for k, v in maps.items()}, "examples": {k: len(v[0]) for k, v in sets.items()}, "pearson": pairs}
-
-
-def plot_universality(result: dict, path) -> None:
-    """PNG: scatter of the first set's head importance against every other set's, with Pearson r."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(result["maps"])
-    first = np.asarray(result["maps"][names[0]]).flatten()
-    others = names[1:]
-    fig, axes = plt.subplots(1, len(others), figsize=(4.2 * len(others), 4), dpi=120, squeeze=False)
-    for ax, name in zip(axes[0], others):
-        y = np.asarray(result["maps"][name]).flatten()
-        r = next(p["r"] for p in result["pearson"] if p["a"] == names[0] and p["b"] == name)
-        ax.scatter(first, y, s=12, alpha=0.7)
-        ax.set_xlabel(f"{names[0]}", fontsize=8)
-        ax.set_ylabel(f"{name}", fontsize=8)
-        ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.suptitle("head importance (AttAttr, summed over examples)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
