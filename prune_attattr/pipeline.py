@@ -735,7 +735,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
 def analyses_stage(prep: Prepared, tmp: Path | None) -> dict:
     """The analyses the recipe enables (files under ``tmp/analyses`` on the main process)."""
     a = prep.ctx.recipe.analyses
-    if not (a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.universality.enabled):
+    if not (a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.connections.enabled or a.universality.enabled):
         return {}
     from .analyses import run_analyses
 
