@@ -76,7 +76,7 @@ pruning: {step_fraction: 0.25, eval_batch_size: 8, rescore: true}
 export: {method: attattr, heads: 5, onnx: false}
 analyses:
   tree: {enabled: true, steps: 2, threshold: 0.3, examples: [{text: "a gorgeous , witty , seductive movie ."}]}
-  effectiveness: {enabled: true, examples: 14, steps: 1, fractions: [0.0, 0.1, 0.5]}
+  effectiveness: {enabled: true, examples: 14, steps: 1}
   universality: {enabled: true, examples: 10, steps: 1, sets: [{name: A, task: sst2, part: 0, parts: 2}, {name: B, task: sst2, part: 1, parts: 2}]}
   triggers: {enabled: true, examples: 14, steps: 1, top: 2}
 """
@@ -101,7 +101,7 @@ def test_whole_pipeline_two_processes_equal_one(tmp_path):
     a, b = reports[1], reports[2]
     assert a["processes"] == 1 and b["processes"] == 2
     assert a["export"]["heads_kept"] == 5 and 5 not in [s["heads_kept"] for s in a["curves"]["attattr"]]
-    assert set(a["analyses"]) == {"trees", "effectiveness", "universality", "triggers"}
+    assert set(a["analyses"]) == {"labels", "trees", "effectiveness", "universality", "triggers"}
     assert a["analyses"]["triggers"]["patterns_found"] > 0
     for key in ("baseline", "importance", "curves", "export", "analyses"):
         section_a, section_b = a[key], b[key]
