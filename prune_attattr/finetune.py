@@ -26,7 +26,7 @@ from .tasks import Encoded, make_dataloader
 
 FINETUNE_VERSION = 2  # 2: key on the weights' bytes (1 hashed their sizes)
 
-__all__ = ["cache_root", "finetune_key", "finetune", "optimizer_and_schedule"]
+__all__ = ["cache_root", "finetune_key", "finetune", "optimizer_and_schedule", "train_epochs"]
 
 
 def finetune_key(model_path: Path, train: Encoded, settings: dict, labels: list[str], seed: int) -> str:
@@ -65,6 +65,30 @@ def optimizer_and_schedule(model, settings, total_steps: int):
     optimizer = _optimizer(model, settings.learning_rate, settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     return optimizer, scheduler
+
+
+def train_epochs(model, loader, sampler, optimizer, scheduler, accelerator, *, epochs: int, description: str, loss_fn) -> float | None:
+    """The one training loop of fine-tuning and recovery: ``epochs`` passes of optimizer steps.
+
+    ``model``, ``loader``, ``optimizer`` and ``scheduler`` come from ``accelerator.prepare``;
+    ``sampler`` is the loader's own batch sampler (reshuffled per epoch through ``set_epoch``);
+    ``loss_fn(model, batch)`` returns the scalar loss of one batch.
+
+    Returns:
+        The exponential moving average (weight 0.98) of the batch losses, or None when no step ran.
+    """
+    running = None
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in progress(loader, f"{description} epoch {epoch + 1}/{epochs}", accelerator):
+            loss = loss_fn(model, batch)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            value = loss.detach().item()
+            running = value if running is None else 0.98 * running + 0.02 * value
+    return running
 
 
 def finetune(
@@ -116,18 +140,11 @@ def finetune(
     optimizer, scheduler = optimizer_and_schedule(model, settings, total_steps)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     start = time.perf_counter()
-    running = None
-    for epoch in range(settings.epochs):
-        sampler.set_epoch(epoch)
-        for batch in progress(loader, f"fine-tune epoch {epoch + 1}/{settings.epochs}", accelerator):
-            keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
-            loss = model(**{k: batch[k] for k in keys if k in batch}).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            value = loss.detach().item()
-            running = value if running is None else 0.98 * running + 0.02 * value
+    keys = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    running = train_epochs(
+        model, loader, sampler, optimizer, scheduler, accelerator, epochs=settings.epochs, description="fine-tune",
+        loss_fn=lambda m, batch: m(**{k: batch[k] for k in keys if k in batch}).loss,
+    )
     seconds = time.perf_counter() - start
     info = {"key": key, "seconds": round(seconds, 1), "steps": total_steps, "examples": len(train), "final_loss_ema": running, **hp}
     accelerator.wait_for_everyone()

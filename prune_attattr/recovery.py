@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from .finetune import optimizer_and_schedule
+from .finetune import optimizer_and_schedule, train_epochs
 from .models import forward_logits, input_names, kept_heads
 from .progress import progress
 from .tasks import Encoded, make_dataloader
@@ -185,19 +185,15 @@ def recover(pruned: nn.Module, teacher: nn.Module | None, dataloader, accelerato
     model, optimizer, loader, scheduler = accelerator.prepare(pruned, optimizer, dataloader, scheduler)
     model.train()
     names = input_names(accelerator.unwrap_model(model))  # the wrapper (DDP) is no transformers model
-    running = None
-    for epoch in range(settings.epochs):
-        sampler.set_epoch(epoch)
-        for batch in progress(loader, f"recovery epoch {epoch + 1}/{settings.epochs}", accelerator):
-            logits = model(**{k: batch[k] for k in names if k in batch}).logits
-            teach = table[batch[INDEX_KEY]] if table is not None else None
-            loss = kd_loss(logits, teach, batch["labels"], alpha=alpha, temperature=temp)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            value = loss.detach().item()
-            running = value if running is None else 0.98 * running + 0.02 * value
+
+    def loss_fn(m, batch):
+        logits = m(**{k: batch[k] for k in names if k in batch}).logits
+        teach = table[batch[INDEX_KEY]] if table is not None else None
+        return kd_loss(logits, teach, batch["labels"], alpha=alpha, temperature=temp)
+
+    running = train_epochs(
+        model, loader, sampler, optimizer, scheduler, accelerator, epochs=settings.epochs, description="recovery", loss_fn=loss_fn
+    )
     accelerator.wait_for_everyone()
     student = accelerator.unwrap_model(model)
     student.eval()
