@@ -19,12 +19,18 @@ and then, for the layers the control names, in this order:
 3. ``head_mask``: multiplies each head's ``A`` by a scalar (Michel et al. 2019, Eq. 2, the head mask xi_h);
 4. ``record``: stores the resulting probabilities in ``control.recorded[layer]``.
 
+Families whose layers do not forward extra keyword arguments (DeBERTa-v2, see
+:mod:`prune_attattr.disentangled`) read the control from :func:`active_control`, set for the
+duration of a forward by ``with controlled(control): ...``.
+
 Head indices in a control refer to the *current* heads of a layer, i.e. positions after pruning;
 :func:`prune_attattr.models.kept_heads` maps them to the original head numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -32,7 +38,7 @@ from torch import nn
 
 ATTN_IMPLEMENTATION = "prune_attattr"
 
-__all__ = ["ATTN_IMPLEMENTATION", "AttentionControl", "register_attention", "attention_forward"]
+__all__ = ["ATTN_IMPLEMENTATION", "AttentionControl", "register_attention", "attention_forward", "controlled", "active_control"]
 
 
 @dataclass
@@ -68,6 +74,24 @@ class AttentionControl:
 
     def wants_record(self, layer: int) -> bool:
         return self.record is True or (isinstance(self.record, set) and layer in self.record)
+
+
+_ACTIVE: ContextVar[AttentionControl | None] = ContextVar("prune_attattr_attention_control", default=None)
+
+
+@contextlib.contextmanager
+def controlled(control: AttentionControl | None):
+    """Make ``control`` the :func:`active_control` inside the block (for hooks that get no keyword argument)."""
+    token = _ACTIVE.set(control)
+    try:
+        yield control
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_control() -> AttentionControl | None:
+    """The control set by the innermost :func:`controlled` block, or None."""
+    return _ACTIVE.get()
 
 
 def attention_forward(

@@ -39,7 +39,7 @@ def _structure(model: nn.Module) -> dict:
         "layers": layers_path(fam, model),
         "attention": fam.attention,
         "output": fam.output,
-        "qkv": [fam.query, fam.key, fam.value] if fam.fused_qkv is None else [],
+        "qkv": [fam.query, fam.key, fam.value, *fam.extra_proj] if fam.fused_qkv is None else [],
         "fused_qkv": fam.fused_qkv,
     }
 

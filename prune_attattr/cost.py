@@ -21,6 +21,10 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     - classifier head, once per sequence, spread over its ``L`` tokens: ``(2*H*H + 2*H*C) / L``
       (pooler and classifier; ``C`` classes).
 
+    DeBERTa's relative-position attention adds, per kept head and per position term used (c2p, p2c),
+    ``2*d*2S`` per token (scores against the ``2S`` relative embeddings) and ``2*2S*H*d / L`` (their
+    projection, once per sequence), ``S`` = ``position_buckets`` (or ``max_relative_positions``).
+
     Softmax, LayerNorm, activations, biases and embeddings (lookups) are left out: they are linear in
     ``H`` or ``L`` per token and below 1% of the total for BERT-family sizes (Kaplan et al. 2020,
     "Scaling Laws for Neural Language Models", section 2.1, counts the same way).
@@ -40,7 +44,12 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
     c = model.config
     H, I, L = c.hidden_size, c.intermediate_size, seq_len
     d = H // c.num_attention_heads
+    d = getattr(c, "attention_head_size", None) or d
     attention = sum(8 * H * len(h) * d + 4 * len(h) * d * L for h in kept_heads(model))
+    if getattr(c, "relative_attention", False):
+        terms = sum(t in (c.pos_att_type or []) for t in ("c2p", "p2c"))
+        span = c.position_buckets if getattr(c, "position_buckets", -1) > 0 else (c.max_relative_positions if c.max_relative_positions > 0 else c.max_position_embeddings)
+        attention += sum(terms * len(h) * (2 * d * 2 * span + 2 * 2 * span * H * d / L) for h in kept_heads(model))
     ffn = 4 * H * I * c.num_hidden_layers
     head = (2 * H * H + 2 * H * c.num_labels) / L
     return {"attention": float(attention), "total": float(attention + ffn + head)}

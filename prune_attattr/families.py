@@ -14,8 +14,9 @@ Paths are dotted attribute paths:
 * ``output``: from a layer to the attention output projection (whose input columns are the heads).
 
 What cannot be a path (embeddings, finishing a layer from its attention context, the classification
-head) is a small function per family. Every family here is on the transformers 5 attention
-interface; all classification heads read position 0 ([CLS]/<s>) only.
+head) is a small function per family. Every family but DeBERTa-v2 is on the transformers 5 attention
+interface; DeBERTa-v2's disentangled attention gets its own hook (``install``, :mod:`prune_attattr.disentangled`).
+All classification heads read position 0 ([CLS]/<s>) only.
 """
 
 from __future__ import annotations
@@ -128,6 +129,53 @@ def _mask_channel(layer) -> int:
     return 1 if getattr(layer, "attention_type", "full_attention") == "sliding_attention" else 0
 
 
+def _deberta_embed(model, base, batch):
+    """DeBERTa's embeddings also zero padded positions (``mask=``), as its own forward does."""
+    kwargs = {"input_ids": batch["input_ids"], "mask": batch.get("attention_mask")}
+    if batch.get("token_type_ids") is not None and base.embeddings.token_type_embeddings is not None:
+        kwargs["token_type_ids"] = batch["token_type_ids"]
+    return base.embeddings(**kwargs)
+
+
+def _deberta_call(model, base, layer, hidden, mask, control):
+    """One DeBERTa layer with the encoder's relative embeddings; the control reaches the hook through a context."""
+    from .attention import controlled
+
+    with controlled(control):
+        return layer(hidden, mask, rel_embeddings=base.encoder.get_rel_embedding())
+
+
+def _deberta_bias(model, base, layer, query, key, q_positions, k_positions):
+    from .disentangled import relative_bias
+
+    attn = layer.attention.self
+    return relative_bias(attn, query, key, q_positions, k_positions, base.encoder.get_rel_embedding())
+
+
+def _deberta_scaling(attn):
+    from .disentangled import score_scale
+
+    return score_scale(attn)
+
+
+def _deberta_install(attn):
+    from .disentangled import install
+
+    install(attn)
+
+
+def _deberta_head(model, base, hidden):
+    return model.classifier(model.dropout(model.pooler(hidden)))  # ContextPooler reads [:, 0]
+
+
+def _deberta_check(config) -> None:
+    if getattr(config, "conv_kernel_size", 0) > 0:
+        raise UnsupportedModel(
+            f"DeBERTa-v2 with conv_kernel_size={config.conv_kernel_size} (a convolution beside the first layer, "
+            "as in deberta-v2-xlarge) is not supported; DeBERTa-v3 and deberta-v2 models without it are"
+        )
+
+
 def _bert_head(model, base, hidden):
     pooler = getattr(base, "pooler", None)
     if pooler is None:
@@ -172,6 +220,7 @@ class Family:
             after its attention output projection (residual, norms, feed-forward).
         head: ``(model, base, last_hidden [N, T>=1, hidden]) -> logits [N, labels]``.
         attn_input: ``(layer, hidden) -> hidden`` fed to Q/K/V (a pre-norm, or identity).
+        logits_layer: path from the classifier to its final ``nn.Linear`` (rows = classes).
         token_type_ids: whether the model takes segment ids (and ONNX exports them as an input).
         cls_only: whether the classification head reads position 0 only (AttAttr's fast path relies on it).
         sliding_window: layers may use local (sliding-window) attention: the mask is packed as
@@ -179,6 +228,13 @@ class Family:
         rotate: ``(layer, q, k, q_positions, k_positions) -> (q, k)``: rotary position embedding, if any.
         call_layer: ``(model, base, layer, hidden, mask, control) -> hidden``: one whole layer, when the
             layer needs more than ``layer(hidden, mask, attention_control=control)``.
+        extra_proj: further projections inside the attention module whose output rows are per head
+            (DeBERTa's ``pos_key_proj``/``pos_query_proj``), pruned like Q/K/V where the model has them.
+        score_bias: ``(model, base, layer, q, k, q_positions, k_positions) -> [N, heads, T_q, T_k]`` additive
+            scores besides ``Q K^T`` (DeBERTa's relative-position terms), or None.
+        scaling: ``(attention module) -> float``, the multiplier of ``Q K^T`` (default ``head_dim ** -0.5``).
+        install: ``(attention module) -> None``: puts the family's own attention hook in place, for a
+            family whose attention module does not call the transformers attention interface.
         check: raises :class:`UnsupportedModel` for a configuration of the family that is not handled.
     """
 
@@ -190,6 +246,7 @@ class Family:
     embed: Callable
     finish: Callable
     head: Callable
+    logits_layer: str = "classifier"
     query: str | None = None
     key: str | None = None
     value: str | None = None
@@ -200,6 +257,10 @@ class Family:
     sliding_window: bool = False
     rotate: Callable | None = None
     call_layer: Callable | None = None
+    extra_proj: tuple[str, ...] = ()
+    score_bias: Callable | None = None
+    scaling: Callable | None = None
+    install: Callable | None = None
     check: Callable | None = field(default=None, compare=False)
 
     @property
@@ -224,10 +285,19 @@ for _fam in (
         layers="<prefix>.encoder.layer",
         embed=_bert_embed,
         head=_roberta_head,
+        logits_layer="classifier.out_proj",
         token_type_ids=False,
         **_BERT_LIKE,
     ),
-    Family("electra", ("electra",), layers="electra.encoder.layer", embed=_bert_embed, head=_roberta_head, **_BERT_LIKE),
+    Family(
+        "electra",
+        ("electra",),
+        layers="electra.encoder.layer",
+        embed=_bert_embed,
+        head=_roberta_head,
+        logits_layer="classifier.out_proj",
+        **_BERT_LIKE,
+    ),
     Family(
         "distilbert",
         ("distilbert",),
@@ -259,14 +329,31 @@ for _fam in (
         call_layer=_modernbert_call,
         check=_modernbert_check,
     ),
+    Family(
+        "deberta-v2",
+        ("deberta-v2",),
+        layers="deberta.encoder.layer",
+        attention="attention.self",
+        query="query_proj",
+        key="key_proj",
+        value="value_proj",
+        extra_proj=("pos_key_proj", "pos_query_proj"),
+        output="attention.output.dense",
+        embed=_deberta_embed,
+        finish=_bert_finish,
+        head=_deberta_head,
+        call_layer=_deberta_call,
+        score_bias=_deberta_bias,
+        scaling=_deberta_scaling,
+        install=_deberta_install,
+        check=_deberta_check,
+    ),
 ):
     for _t in _fam.model_types:
         FAMILIES[_t] = _fam
 
 REFUSED = {
     "albert": "ALBERT shares one layer's weights across all layers, so removing a head from one layer is ill-defined",
-    "deberta-v2": "DeBERTa-v2/v3 computes its disentangled attention outside the transformers attention interface; "
-    "its hook is not written yet",
 }
 
 

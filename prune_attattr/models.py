@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionControl, register_attention
+from .attention import AttentionControl, controlled, register_attention
 from .families import FAMILIES, PRUNED_HEADS_KEY, Family, ModelError, UnsupportedModel, family_for_type, family_of, get_path, layers_path
 
 EMBEDDED = "embedded"
@@ -29,6 +29,7 @@ __all__ = [
     "resolve_model_path",
     "load_classifier",
     "check_labels",
+    "align_labels",
     "prepare",
     "base_model",
     "input_names",
@@ -179,15 +180,19 @@ def load_classifier(
     return model.eval()
 
 
-def check_labels(model: nn.Module, labels: list[str], label_map: dict[str, str] | None = None) -> None:
-    """Check that the model's ``id2label`` is the task's label order (by name, or through ``label_map``).
+def check_labels(model: nn.Module, labels: list[str], label_map: dict[str, str] | None = None) -> list[int]:
+    """Match the model's ``id2label`` with the task's labels (by name, case-insensitive, or through ``label_map``).
 
     Args:
         labels: the task's labels, index = class id of the data.
         label_map: task label -> model label name, when the names differ (e.g. ``{negative: LABEL_0}``).
 
+    Returns:
+        ``order``: ``order[i]`` is the model's class id for the task's class ``i``; the identity when the
+        orders agree, otherwise pass it to :func:`align_labels`.
+
     Raises:
-        ModelError: different number of labels, or a class id whose model label is not the task's.
+        ModelError: different number of labels, or model label names that are not the task's.
     """
     id2label = {int(k): str(v) for k, v in (model.config.id2label or {}).items()}
     if len(id2label) != len(labels):
@@ -198,17 +203,41 @@ def check_labels(model: nn.Module, labels: list[str], label_map: dict[str, str] 
     label_map = label_map or {}
     want = [label_map.get(lab, lab) for lab in labels]
     got = [id2label[i] for i in range(len(labels))]
-    if [w.lower() for w in want] == [g.lower() for g in got]:
-        return
-    if sorted(w.lower() for w in want) == sorted(g.lower() for g in got):
-        raise ModelError(
-            f"the model's labels {got} (config id2label) are the task's {want} in another order; declare "
-            "data.labels in the model's order (custom and dataset tasks) or fine-tune (finetune.enabled: true)"
-        )
+    lower = [g.lower() for g in got]
+    if sorted(w.lower() for w in want) == sorted(lower) and len(set(lower)) == len(lower):
+        return [lower.index(w.lower()) for w in want]
     raise ModelError(
         f"the model's labels {got} (config id2label) are not the task's {want}; "
         "set data.label_map (task label -> model label) or fine-tune (finetune.enabled: true)"
     )
+
+
+def align_labels(model: nn.Module, order: list[int]) -> nn.Module:
+    """Reorder the classifier's outputs in place so that class ``i`` is the model's class ``order[i]``.
+
+    The rows (and bias) of the final linear layer (the family's ``logits_layer``) are permuted and
+    ``config.id2label``/``label2id`` follow, so the logits are the same numbers in the task's order:
+    exact, nothing retrained. The identity order changes nothing.
+
+    Raises:
+        ValueError: ``order`` is not a permutation of the model's classes.
+    """
+    fam = prepare(model)
+    n = len(model.config.id2label)
+    if sorted(order) != list(range(n)):
+        raise ValueError(f"label order {order} is not a permutation of the model's {n} classes")
+    if order == list(range(n)):
+        return model
+    linear = get_path(model, fam.logits_layer)
+    index = torch.tensor(order, device=linear.weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight[index].clone())
+        if linear.bias is not None:
+            linear.bias.copy_(linear.bias[index].clone())
+    names = [model.config.id2label[j] for j in order]
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: i for i, name in enumerate(names)}
+    return model
 
 
 _LAYER_FAMILY: dict[type, Family] = {}
@@ -245,6 +274,8 @@ def prepare(model: nn.Module) -> Family:
         attn = get_path(layer, fam.attention)
         if getattr(attn, "layer_idx", None) is None:
             attn.layer_idx = i
+        if fam.install is not None:
+            fam.install(attn)
     return fam
 
 
@@ -358,7 +389,8 @@ def _num_heads(layer: nn.Module) -> int:
     ids = getattr(attn, "head_ids", None)
     if ids is not None:
         return len(ids)
-    return int(getattr(attn, "config", None).num_attention_heads)
+    config = getattr(attn, "config", None)
+    return int(config.num_attention_heads if config is not None else attn.num_attention_heads)
 
 
 def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
@@ -403,8 +435,10 @@ def values(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return _qkv(layer, hidden, "v")
 
 
-def cls_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, control: AttentionControl | None = None) -> torch.Tensor:
-    """An encoder layer computed for the first ([CLS]) query position only: ``[N, 1, hidden]``.
+def cls_layer(
+    model: nn.Module, layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None, control: AttentionControl | None = None
+) -> torch.Tensor:
+    """An encoder layer of ``model`` computed for the first ([CLS]) query position only: ``[N, 1, hidden]``.
 
     The classifier reads only position 0 of the last layer, so the last layer needs keys and values
     of every token but queries, output projection and feed-forward for one position. ``control`` may
@@ -420,16 +454,21 @@ def cls_layer(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None,
     q = _qkv(layer, hidden[:, :1], "q")
     k = _qkv(layer, hidden, "k")
     v = _qkv(layer, hidden, "v")
+    q_pos, k_pos = torch.arange(1, device=q.device), torch.arange(hidden.shape[1], device=q.device)
     if fam.rotate is not None:
-        t = hidden.shape[1]
-        q, k = fam.rotate(layer, q, k, torch.arange(1, device=q.device), torch.arange(t, device=q.device))
+        q, k = fam.rotate(layer, q, k, q_pos, k_pos)
     m = None
     if mask is not None:
         m = mask[:, :, :1, :]
         if fam.sliding_window:
             c = mask_channel(layer)
             m = m[:, c : c + 1]
-    out, _ = attention_forward(attn, q, k, v, m, scaling=head_dim(attn) ** -0.5, attention_control=control)
+    if fam.score_bias is not None:
+        bias = fam.score_bias(model, base_model(model), layer, q, k, q_pos, k_pos)
+        if bias is not None:
+            m = bias if m is None else bias + m
+    scaling = fam.scaling(attn) if fam.scaling is not None else head_dim(attn) ** -0.5
+    out, _ = attention_forward(attn, q, k, v, m, scaling=scaling, attention_control=control)
     return layer_from_context(layer, out.transpose(1, 2), hidden[:, :1])
 
 
@@ -445,7 +484,7 @@ def logits_from_layer(
     last = len(layers) - 1
     if start <= last - 1:
         hidden = run_layers(model, hidden, mask, start, last, control)
-    out = cls_layer(layers[last], hidden, mask, control)
+    out = cls_layer(model, layers[last], hidden, mask, control)
     return classify(model, out)
 
 
@@ -456,8 +495,12 @@ def classify(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The tokenizer inputs ``model`` takes, in order (``token_type_ids`` only for families with segments)."""
-    return prepare(model).input_names
+    """The tokenizer inputs ``model`` takes, in order (``token_type_ids`` only for families with segments,
+    and not when the config has no segment embeddings: ``type_vocab_size: 0``, as DeBERTa-v3)."""
+    names = prepare(model).input_names
+    if getattr(model.config, "type_vocab_size", 1) == 0:
+        names = tuple(n for n in names if n != "token_type_ids")
+    return names
 
 
 def repeat_batch(x: torch.Tensor | None, copies: int) -> torch.Tensor | None:
@@ -472,6 +515,9 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], control: At
     inputs = {k: batch[k] for k in input_names(model) if k in batch}
     if control is None:
         return model(**inputs).logits
+    if prepare(model).install is not None:  # a hooked family: its layers take no extra keyword argument
+        with controlled(control):
+            return model(**inputs).logits
     return model(**inputs, attention_control=control).logits
 
 

@@ -43,7 +43,7 @@ from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerp
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
-from .models import check_labels, forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
+from .models import align_labels, check_labels, forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
 from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader
@@ -238,7 +238,10 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
         ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
     if ft_enc is None:  # a model used as it is: its labels must be the task's, in the task's order
-        check_labels(model, labels, r.data.label_map)
+        label_order = check_labels(model, labels, r.data.label_map)  # model class ids in the task's order
+        if label_order != list(range(len(labels))):
+            align_labels(model, label_order)
+            ctx.print(f"   the model's classes {label_order} reordered to the task's labels {labels} (classifier rows permuted)")
     finetune_info = None
     model_dir = model_path
     if ft_enc is not None:

@@ -125,7 +125,9 @@ def prune_heads(model: nn.Module, heads: Mapping[int | str, Sequence[int]]) -> n
             fused = torch.cat([index + part * width for part in range(3)])
             set_path(attn, fam.fused_qkv, prune_linear_layer(get_path(attn, fam.fused_qkv), fused, dim=0))
         else:
-            for name in (fam.query, fam.key, fam.value):
+            for name in (fam.query, fam.key, fam.value, *fam.extra_proj):
+                if name in fam.extra_proj and not hasattr(attn, name):
+                    continue  # e.g. DeBERTa without p2c, or with shared position keys
                 set_path(attn, name, prune_linear_layer(get_path(attn, name), index, dim=0))
         set_path(block, fam.output, prune_linear_layer(out, index, dim=1))
         for count in ("num_attention_heads", "n_heads", "num_heads"):

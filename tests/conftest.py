@@ -8,8 +8,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-FAMILY_KINDS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert")
-NO_SEGMENTS = ("roberta", "xlm-roberta", "camembert", "distilbert", "modernbert")
+FAMILY_KINDS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert", "deberta-v2")
+NO_SEGMENTS = ("roberta", "xlm-roberta", "camembert", "distilbert", "modernbert", "deberta-v2")
 
 
 def tiny_config(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: int = 32, labels: int = 3, init: float = 0.3):
@@ -45,6 +45,21 @@ def tiny_config(kind: str = "bert", *, layers: int = 3, heads: int = 4, hidden: 
             intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=labels, initializer_range=init,
             local_attention=8, global_attn_every_n_layers=2, attention_bias=True, pad_token_id=0,
             bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3,
+        )
+    if kind == "deberta-v2":
+        # DeBERTa-v3's layout (shared position keys, log buckets, LayerNorm'd relative embeddings, no
+        # absolute positions, no segments); 4 buckets < sequence length 11 so log bucketing is exercised
+        return AutoConfig.for_model(
+            kind, **common, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=4,
+            max_relative_positions=64, share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+            type_vocab_size=0, pooler_hidden_size=hidden, pooler_hidden_act="gelu", pad_token_id=0,
+        )
+    if kind == "deberta-v2-separate":
+        # DeBERTa-v2's older layout: own position projections (pos_key_proj/pos_query_proj), segments
+        return AutoConfig.for_model(
+            "deberta-v2", **common, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=-1,
+            max_relative_positions=16, share_att_key=False, position_biased_input=True, type_vocab_size=2,
+            pooler_hidden_size=hidden, pooler_hidden_act="gelu", pad_token_id=0,
         )
     return AutoConfig.for_model(kind, **common)
 

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAMILY_KINDS, save_tiny_classifier
+import torch
+from conftest import FAMILY_KINDS, save_tiny_classifier, tiny_batch, tiny_tokenizer
 
 from prune_attattr.cli import main
-from prune_attattr.models import ModelError, check_labels, load_classifier, resolve_model_path
+from prune_attattr.models import ModelError, align_labels, check_labels, forward_logits, load_classifier, resolve_model_path
 
 ROOT = Path(__file__).parent.parent
 TINY_RUN = (
@@ -153,25 +154,42 @@ def test_dataset_errors_are_one_line(tmp_path, monkeypatch, capsys):
         assert expect in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_label_order_is_checked_when_not_fine_tuning(tmp_path, monkeypatch, capsys):
+def test_label_order_is_aligned_when_not_fine_tuning(tmp_path, monkeypatch, capsys):
+    """A classifier whose classes are the task's in another order is reordered exactly (rows of its last
+    layer permuted), never run with crossed labels; unknown names are one line."""
     save_tiny_classifier("bert", tmp_path / "m", id2label={0: "pos", 1: "neg"})
     model = load_classifier(tmp_path / "m")
-    with pytest.raises(ModelError, match="in another order"):
-        check_labels(model, ["neg", "pos"])
-    check_labels(model, ["pos", "neg"])
+    batch = {k: v for k, v in tiny_batch().items() if k != "labels"}
+    with torch.no_grad():
+        before = forward_logits(model, batch)
+    order = check_labels(model, ["neg", "pos"])
+    assert order == [1, 0]
+    align_labels(model, order)
+    with torch.no_grad():
+        assert torch.equal(forward_logits(model, batch), before[:, [1, 0]])
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    assert check_labels(model, ["NEG", "pos"]) == [0, 1]
     with pytest.raises(ModelError, match="data.label_map"):
         check_labels(model, ["0", "1"])
-    check_labels(model, ["0", "1"], {"0": "pos", "1": "neg"})
-    # through the CLI: one line, exit 2
+    assert check_labels(model, ["0", "1"], {"0": "pos", "1": "neg"}) == [1, 0]
+    # through the CLI: gold labels = the original model's predicted names but one, so the aligned run
+    # must report 5/6 (crossed labels would give 1/6)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "d.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    texts = ["good film", "bad film", "very good", "dull plot", "great fun", "awful acting"]
+    original = load_classifier(tmp_path / "m")  # classes pos, neg
+    enc = tiny_tokenizer("bert")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        gold = [original.config.id2label[int(i)] for i in forward_logits(original, dict(enc)).argmax(-1)]
+    gold[0] = {"pos": "neg", "neg": "pos"}[gold[0]]
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{t},{g}\n" for t, g in zip(texts, gold)))
     (tmp_path / "r.yaml").write_text(
-        f"run_name: l\nmodel: {{path: {tmp_path / 'm'}}}\nfinetune: {{enabled: false}}\nimportance: {{source: dev}}\n"
+        f"run_name: l\nmodel: {{path: {tmp_path / 'm'}}}\nfinetune: {{enabled: false}}\nimportance: {{source: dev, methods: [random]}}\n"
         "data: {task: custom, dev_file: d.csv, text_column: text, label_column: label, labels: [neg, pos]}\n"
+        "pruning: {enabled: false}\nexport: {enabled: false}\n"
     )
-    assert main([str(tmp_path / "r.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert "another order" in err and len(err.strip().splitlines()) == 1
+    assert main([str(tmp_path / "r.yaml"), "--no-cache"]) == 0
+    report = json.loads((tmp_path / "exported" / "l" / "report.json").read_text())
+    assert abs(report["baseline"]["accuracy"] - 5 / 6) < 1e-9, report["baseline"]
 
 
 def test_random_head_refused_without_fine_tuning(monkeypatch, tmp_path, capsys):

@@ -203,7 +203,7 @@ def test_stock_transformers_loads_every_family_without_prune_attattr(tmp_path):
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("albert", "shares one layer's weights"), ("deberta-v2", "not supported"), ("gpt2", "supported: bert, camembert")],
+    [("albert", "shares one layer's weights"), ("gpt2", "supported: bert, camembert, deberta-v2")],
 )
 def test_refused_types_give_one_line(kind, message, tmp_path):
     from transformers import AutoConfig
@@ -212,6 +212,45 @@ def test_refused_types_give_one_line(kind, message, tmp_path):
     with pytest.raises(ModelError, match=message) as err:
         load_classifier(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_deberta_with_convolution_refused(tmp_path):
+    """deberta-v2-xlarge's convolution beside the first layer is outside the hook: one line, not wrong numbers."""
+    config = tiny_config("deberta-v2")
+    config.conv_kernel_size = 3
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ModelError, match="conv_kernel_size=3") as err:
+        load_classifier(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["deberta-v2", "deberta-v2-separate"])
+def test_deberta_hook_equals_stock_attention(kind):
+    """The hook computes DeBERTa's own probabilities and logits (stock module = reference), pruned or not,
+    and the own position projections of DeBERTa-v2 (``pos_key_proj``/``pos_query_proj``) lose the pruned rows."""
+    stock = tiny_model(kind)  # never prepared: stock DisentangledSelfAttention
+    ours = copy.deepcopy(stock)
+    prepare(ours)
+    batch = tiny_batch(kind="bert" if kind == "deberta-v2-separate" else kind)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        want = stock(**inputs, output_attentions=True)
+        got = ours(**inputs, output_attentions=True)
+    assert type(ours.deberta.encoder.layer[0].attention.self).__name__.startswith("Controlled")
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    keep = inputs["attention_mask"].bool()
+    for a, b in zip(got.attentions, want.attentions):  # real (unpadded) query rows
+        assert torch.allclose(a.permute(0, 2, 1, 3)[keep], b.permute(0, 2, 1, 3)[keep], atol=1e-6)
+    pruned = prune_heads(copy.deepcopy(ours), PRUNE)
+    attn = pruned.deberta.encoder.layer[0].attention.self
+    for name in ("query_proj", "key_proj", "value_proj") + (("pos_key_proj", "pos_query_proj") if kind.endswith("separate") else ()):
+        assert getattr(attn, name).out_features == 2 * attn.attention_head_size, name
+    stock_pruned = prune_heads(copy.deepcopy(ours), PRUNE)
+    for layer in stock_pruned.deberta.encoder.layer:  # back to the stock module, same weights
+        if hasattr(layer.attention.self, "query_proj"):
+            layer.attention.self.__class__ = type(stock.deberta.encoder.layer[0].attention.self)
+    with torch.no_grad():
+        assert torch.allclose(pruned(**inputs).logits, stock_pruned(**inputs).logits, atol=1e-5)
 
 
 def test_modernbert_mean_pooling_refused():

@@ -80,7 +80,8 @@ def _prune(model, pruned):
             _set(attn, s["fused_qkv"], prune_linear_layer(_get(attn, s["fused_qkv"]), fused, dim=0))
         else:
             for name in s["qkv"]:
-                _set(attn, name, prune_linear_layer(_get(attn, name), index, dim=0))
+                if hasattr(attn, name):  # optional per-head projections (DeBERTa's pos_key_proj) may be absent
+                    _set(attn, name, prune_linear_layer(_get(attn, name), index, dim=0))
         _set(block, s["output"], prune_linear_layer(out, index, dim=1))
         for count in ("num_attention_heads", "n_heads", "num_heads"):
             if hasattr(attn, count):
