@@ -463,10 +463,10 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
         RunError: ONNX logits differ from PyTorch by more than 1e-4.
     """
     from .checkpoint import load_pruned, save_pruned
-    from .export import check_onnx, export_onnx, export_onnx_folder, onnx_latency
+    from .export import check_onnx, export_onnx_folder
 
     ctx = prep.ctx
-    e, r = ctx.recipe.export, ctx.recipe
+    e = ctx.recipe.export
     info = choice.info(num_heads_total(prep.model))
     model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer)
     info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
@@ -483,14 +483,9 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
         if diff > 1e-4:
             raise RunError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-4); the export was not written")
         # latency: pruned vs unpruned on the same inputs
-        dev_enc = prep.dev_enc
-        lat_batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), e.latency_batch))), batch_size=e.latency_batch, pad_id=ctx.pad_id)))
-        feeds = {k: lat_batch[k].numpy() for k in input_names(cpu_model) if k in lat_batch}
-        with tempfile.TemporaryDirectory() as d:
-            base_path = export_onnx(copy.deepcopy(prep.model).cpu(), Path(d) / "unpruned.onnx", checks[-1], opset=e.onnx_opset)
-            threads = r.runtime.threads or torch.get_num_threads()
-            lat_u = onnx_latency(base_path, feeds, e.latency_repeats, threads)
-        lat_p = onnx_latency(onnx_path, feeds, e.latency_repeats, threads)
+        feeds = _latency_feeds(prep)
+        lat_u = _onnx_latency(prep, prep.model, feeds, checks[-1])
+        lat_p = _onnx_latency(prep, cpu_model, feeds, path=onnx_path)
         info["onnx"] = {
             "file": "onnx/model.onnx",
             "mb": onnx_path.stat().st_size / 2**20,
@@ -593,10 +588,25 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
 
 
 def _latency_feeds(prep: Prepared) -> dict:
-    """The ONNX latency inputs of the export stage: the first ``export.latency_batch`` dev examples, padded."""
+    """The ONNX latency inputs: the first ``export.latency_batch`` dev examples, padded, as the model's inputs."""
     n, dev_enc = prep.ctx.recipe.export.latency_batch, prep.dev_enc
     batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), n))), batch_size=n, pad_id=prep.ctx.pad_id)))
-    return {k: batch[k].numpy() for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return {k: batch[k].numpy() for k in input_names(prep.model) if k in batch}
+
+
+def _onnx_latency(prep: Prepared, model, feeds: dict, example: dict | None = None, path: Path | None = None) -> dict:
+    """ONNX Runtime latency (:func:`prune_attattr.export.onnx_latency`, ms) of ``model`` on ``feeds``: of the
+    graph at ``path``, or of ``model`` exported (with ``example``) to a temporary file. The one latency
+    measurement of the export and recovery stages, so their figures compare."""
+    from .export import export_onnx, onnx_latency
+
+    r = prep.ctx.recipe
+    threads = r.runtime.threads or torch.get_num_threads()
+    if path is not None:
+        return onnx_latency(path, feeds, r.export.latency_repeats, threads)
+    with tempfile.TemporaryDirectory() as d:
+        path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "m.onnx", example, opset=r.export.onnx_opset)
+        return onnx_latency(path, feeds, r.export.latency_repeats, threads)
 
 
 def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
@@ -604,10 +614,8 @@ def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
     (:func:`prune_attattr.cost.flops_per_token`), and (``export.onnx``, main process) the ONNX Runtime
     median latency in ms of one call on ``feeds``."""
     from .cost import flops_per_token
-    from .export import export_onnx, onnx_latency
 
-    r = prep.ctx.recipe
-    e = r.export
+    e = prep.ctx.recipe.export
     seq = int(feeds["input_ids"].shape[1])
     flops = flops_per_token(model, seq)
     out = {
@@ -619,9 +627,7 @@ def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
         "latency_ms": None,
     }
     if e.onnx and prep.ctx.accelerator.is_main_process:
-        with tempfile.TemporaryDirectory() as d:
-            path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "m.onnx", example, opset=e.onnx_opset)
-            out["latency_ms"] = onnx_latency(path, feeds, e.latency_repeats, r.runtime.threads or torch.get_num_threads())["median_ms"]
+        out["latency_ms"] = _onnx_latency(prep, model, feeds, example)["median_ms"]
     return out
 
 
