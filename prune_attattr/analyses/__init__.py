@@ -155,7 +155,7 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
             ranked = rank_patterns(found, t.threshold)
             attacked = ranked if t.top is None else ranked[: t.top]
             dev_part = dev.subset(range(min(t.dev_examples or len(dev), len(dev))))
-            result = attack(model, ctx.tokenizer, dev_part, attacked, max_length=r.model.max_length, n_classes=len(ctx.labels), pair_ratio=t.pair_ratio, batch_size=r.pruning.eval_batch_size)
+            result = attack(model, ctx.tokenizer, dev_part, attacked, max_length=r.model.max_length, n_classes=len(ctx.labels), pair_ratio=t.pair_ratio, batch_size=r.pruning.eval_batch_size, accelerator=ctx.accelerator)
             for p in result["patterns"]:
                 p["target_label_name"] = names[p["target_label"]]
                 p["gold_label_name"] = names[p["gold_label"]]

@@ -42,6 +42,7 @@ import torch
 from ..importance.attattr import iter_layer_attributions
 from ..models import forward_logits, kept_heads
 from ..progress import progress
+from ..sharding import gather_in_order, my_share
 from ..tasks import Encoded, Examples, make_dataloader
 
 __all__ = [
@@ -148,15 +149,18 @@ def extract_patterns(
         model: the classifier; tokenizer: gives the token strings.
         data: source examples (training examples in the paper; labels are kept as ``gold_label``).
         steps, quadrature, mode: attribution settings (official: 64, left).
+        accelerator: with several processes, each extracts every N-th example and all receive every
+            pattern (:mod:`prune_attattr.sharding`).
 
     Returns:
         ``len(data)`` patterns; pass them to :func:`rank_patterns`.
     """
-    loader = make_dataloader(data, batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0)
-    order = [i for b in loader.batch_sampler for i in b]
+    share = my_share(len(data), accelerator)  # several processes: each extracts its share of the examples
+    loader = make_dataloader(data.subset(share), batch_size=batch_size, pad_id=tokenizer.pad_token_id or 0)
+    order = [share[i] for b in loader.batch_sampler for i in b]
     heads = kept_heads(model)
     device = next(model.parameters()).device
-    out: list[Pattern | None] = [None] * len(data)
+    mine: list[Pattern] = []
     pos = 0
     for batch in progress(loader, "trigger extraction", accelerator):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -175,7 +179,7 @@ def extract_patterns(
             layer = layer_ids[layer_pos]
             ids = [int(x) for x in batch["input_ids"][b, :n]]
             toks = tokenizer.convert_ids_to_tokens(ids)
-            out[idx] = Pattern(
+            mine.append(Pattern(
                 source_index=idx,
                 layer=layer,
                 head=int(heads[layer][head]),
@@ -188,8 +192,8 @@ def extract_patterns(
                 gold_label=int(batch["labels"][b]),
                 tokens=toks,
                 input_ids=ids,
-            )
-    return [p for p in out if p is not None]
+            ))
+    return gather_in_order([p.source_index for p in mine], mine, len(data), accelerator)
 
 
 def _segments(input_ids: list[int], special_ids: set[int]) -> list[list[int]]:
@@ -323,15 +327,15 @@ class Template:
 
 
 @torch.no_grad()
-def _correct(model, data: Encoded, pad_id: int, batch_size: int) -> torch.Tensor:
-    """``[N]`` bool: prediction == label, in ``data`` order."""
-    loader = make_dataloader(data, batch_size=batch_size, pad_id=pad_id)
-    order = [i for b in loader.batch_sampler for i in b]
+def _correct(model, data: Encoded, pad_id: int, batch_size: int, accelerator=None) -> torch.Tensor:
+    """``[N]`` bool: prediction == label, in ``data`` order (each process evaluates its share)."""
+    share = my_share(len(data), accelerator)
+    loader = make_dataloader(data.subset(share), batch_size=batch_size, pad_id=pad_id)
+    order = [share[i] for b in loader.batch_sampler for i in b]
     device = next(model.parameters()).device
-    hits = torch.cat([forward_logits(model, {k: v.to(device) for k, v in b.items()}).argmax(-1).cpu() == b["labels"] for b in loader])
-    out = torch.zeros(len(data), dtype=torch.bool)
-    out[torch.tensor(order)] = hits
-    return out
+    hits = [forward_logits(model, {k: v.to(device) for k, v in b.items()}).argmax(-1).cpu() == b["labels"] for b in loader]
+    hits = torch.cat(hits).tolist() if hits else []
+    return torch.tensor(gather_in_order(order, hits, len(data), accelerator), dtype=torch.bool)
 
 
 def _per_class(correct: torch.Tensor, labels: list[int], n_classes: int) -> list[float | None]:
@@ -349,6 +353,7 @@ def attack(
     n_classes: int,
     pair_ratio: float = 0.2,
     batch_size: int = 64,
+    accelerator=None,
 ) -> dict:
     """Insert each pattern's trigger into every dev example; per-class accuracy before and after.
 
@@ -356,6 +361,7 @@ def attack(
         dev: raw dev examples (text, optional pair, gold label); tokenised here without special
             tokens so the trigger can go into each segment.
         patterns: ranked patterns (their order is their rank by attribution).
+        accelerator: with several processes, each evaluates every N-th dev example; all get the result.
 
     Returns:
         ``{"accuracy_before": [per class], "patterns": [{rank, pattern fields, inserted tokens,
@@ -377,11 +383,11 @@ def attack(
             types.append(t)
         return Encoded(ids, types if types[0] is not None else None, list(dev.labels))
 
-    before = _per_class(_correct(model, encoded([]), pad, batch_size), dev.labels, n_classes)
+    before = _per_class(_correct(model, encoded([]), pad, batch_size, accelerator), dev.labels, n_classes)
     results = []
-    for rank, p in enumerate(progress(patterns, "trigger attack"), 1):
+    for rank, p in enumerate(progress(patterns, "trigger attack", accelerator), 1):
         trig = trigger_tokens(p, special, pair_ratio)
-        after = _per_class(_correct(model, encoded(trig), pad, batch_size), dev.labels, n_classes)
+        after = _per_class(_correct(model, encoded(trig), pad, batch_size, accelerator), dev.labels, n_classes)
         drops = [None if b is None else 100 * (b - a) for b, a in zip(before, after)]
         valid = [d for d in drops if d is not None]
         results.append(
