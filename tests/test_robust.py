@@ -265,3 +265,24 @@ def test_sigterm_mid_run_leaves_nothing(tiny_dir, tmp_path):
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     assert list((tmp_path / "out").iterdir()) == []  # no final folder, no .tiny.tmp-*
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")] if (tmp_path / "cache").exists() else True
+
+
+class _FakeProcesses:
+    """Stands in for an Accelerator's process bookkeeping (the gather itself is tested with 2 real processes
+    in test_multiprocess.py)."""
+
+    def __init__(self, index, count):
+        self.process_index, self.num_processes = index, count
+
+
+def test_sharding_covers_every_example_once():
+    from prune_attattr.sharding import gather_in_order, my_share
+
+    shares = [my_share(7, _FakeProcesses(p, 3)) for p in range(3)]
+    assert sorted(i for s in shares for i in s) == list(range(7)) and shares[1] == [1, 4]
+    assert my_share(3) == [0, 1, 2]
+    assert gather_in_order([2, 0, 1], ["c", "a", "b"], 3) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="computed by no process"):
+        gather_in_order([0], ["a"], 2)
+    with pytest.raises(RuntimeError, match="computed twice"):
+        gather_in_order([0, 0], ["a", "b"], 1)
