@@ -43,6 +43,8 @@ __all__ = [
     "run_layers",
     "values",
     "layer_from_context",
+    "layer_from_attention_output",
+    "output_projection",
     "cls_layer",
     "logits_from_layer",
     "forward_logits",
@@ -393,6 +395,17 @@ def _num_heads(layer: nn.Module) -> int:
     return int(config.num_attention_heads if config is not None else attn.num_attention_heads)
 
 
+def output_projection(layer: nn.Module) -> nn.Module:
+    """The attention output projection of an encoder layer (``nn.Linear``, input columns = heads x head_dim)."""
+    return get_path(layer, _family_of_layer(layer).output)
+
+
+def layer_from_attention_output(layer: nn.Module, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Finish an encoder layer from its attention block's output ``attn_out [N, T_q, hidden]`` (after the
+    output projection and its bias): residual, norms, feed-forward. Returns ``[N, T_q, hidden]``."""
+    return _family_of_layer(layer).finish(layer, attn_out, residual)
+
+
 def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """Finish an encoder layer from its attention context (what ``A @ V`` gives).
 
@@ -440,9 +453,16 @@ def cls_layer(
 ) -> torch.Tensor:
     """An encoder layer of ``model`` computed for the first ([CLS]) query position only: ``[N, 1, hidden]``.
 
-    The classifier reads only position 0 of the last layer, so the last layer needs keys and values
-    of every token but queries, output projection and feed-forward for one position. ``control`` may
-    carry ``head_mask`` or a ``replace`` of shape ``[N, heads, 1, T]``.
+    The classifier reads only position 0 of the last layer, so the last layer needs queries, output
+    projection and feed-forward for one position. ``control`` may carry ``head_mask`` or a ``replace``
+    of shape ``[N, heads, 1, T]``.
+
+    Keys and values are not projected at all (families without rotary embeddings or extra score terms):
+    with one query per head, ``q_h . (W_K,h x_j + b_K,h) = (W_K,h^T q_h) . x_j + q_h . b_K,h`` and
+    ``Σ_j p_hj (W_V,h x_j + b_V,h) = W_V,h (Σ_j p_hj x_j) + (Σ_j p_hj) b_V,h``: the scores and the
+    probability-weighted sums are taken against the layer input ``x`` itself, ``heads x T x hidden``
+    products instead of the ``2 x T x hidden^2`` of the two projections; exact (the ``Σ_j p_hj`` of a
+    masked or scaled head is read from an appended column of ones).
     """
     from .attention import attention_forward
     from .families import mask_channel
@@ -452,24 +472,51 @@ def cls_layer(
         return layer_from_context(layer, None, hidden[:, :1])
     attn = get_path(layer, fam.attention)
     q = _qkv(layer, hidden[:, :1], "q")
-    k = _qkv(layer, hidden, "k")
-    v = _qkv(layer, hidden, "v")
-    q_pos, k_pos = torch.arange(1, device=q.device), torch.arange(hidden.shape[1], device=q.device)
-    if fam.rotate is not None:
-        q, k = fam.rotate(layer, q, k, q_pos, k_pos)
     m = None
     if mask is not None:
         m = mask[:, :, :1, :]
         if fam.sliding_window:
             c = mask_channel(layer)
             m = m[:, c : c + 1]
+    scaling = fam.scaling(attn) if fam.scaling is not None else head_dim(attn) ** -0.5
+    if fam.rotate is None and fam.score_bias is None and fam.fused_qkv is None:
+        return _cls_layer_folded(layer, attn, fam, hidden, q, m, scaling, control)
+    k = _qkv(layer, hidden, "k")
+    v = _qkv(layer, hidden, "v")
+    q_pos, k_pos = torch.arange(1, device=q.device), torch.arange(hidden.shape[1], device=q.device)
+    if fam.rotate is not None:
+        q, k = fam.rotate(layer, q, k, q_pos, k_pos)
     if fam.score_bias is not None:
         bias = fam.score_bias(model, base_model(model), layer, q, k, q_pos, k_pos)
         if bias is not None:
             m = bias if m is None else bias + m
-    scaling = fam.scaling(attn) if fam.scaling is not None else head_dim(attn) ** -0.5
     out, _ = attention_forward(attn, q, k, v, m, scaling=scaling, attention_control=control)
     return layer_from_context(layer, out.transpose(1, 2), hidden[:, :1])
+
+
+def _cls_layer_folded(layer, attn, fam: Family, hidden, q, m, scaling, control):
+    """:func:`cls_layer` with keys and values folded into the query and the output (see its docstring)."""
+    from .attention import attention_forward
+
+    x = fam.attn_input(layer, hidden) if fam.attn_input is not None else hidden  # [N, T, hidden]
+    n, heads, _, d = q.shape
+    key, value = get_path(attn, fam.key), get_path(attn, fam.value)
+    w_k = key.weight.view(heads, d, -1)
+    r = torch.einsum("nhqd,hde->nhqe", q, w_k)  # W_K,h^T q_h: [N, heads, 1, hidden]
+    if key.bias is not None:
+        const = (q * key.bias.view(1, heads, 1, d)).sum(-1, keepdim=True) * scaling  # [N, heads, 1, 1]
+        m = const if m is None else m + const
+    keys = x.unsqueeze(1).expand(n, heads, *x.shape[1:])
+    ones = x.new_ones(*x.shape[:2], 1)
+    vals = torch.cat([x, ones], dim=-1).unsqueeze(1).expand(n, heads, x.shape[1], x.shape[2] + 1)
+    out, _ = attention_forward(attn, r, keys, vals, m, scaling=scaling, attention_control=control)
+    out = out.transpose(1, 2)  # [N, heads, 1, hidden + 1]: Σ_j p_hj x_j and Σ_j p_hj
+    pooled, mass = out[..., :-1], out[..., -1:]
+    w_v = value.weight.view(heads, d, -1)
+    context = torch.einsum("nhqe,hde->nhqd", pooled, w_v)
+    if value.bias is not None:
+        context = context + mass * value.bias.view(1, heads, 1, d)
+    return layer_from_context(layer, context, hidden[:, :1])
 
 
 def logits_from_layer(

@@ -175,44 +175,60 @@ def _prepare_fast(model, group: _Group, layers: list[int], target: Target, preci
 
 
 def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: int, max_rows: int | None, precision: str):
-    """Attribution ``[r, kept, W, W]`` float32 of ``layer`` for one prepared group (see :func:`_fast_attributions`)."""
-    from ..models import layer_from_context, logits_from_layer, values
+    """Attribution ``[r, kept, W, W]`` float32 of ``layer`` for one prepared group (see :func:`_fast_attributions`).
+
+    The target layer is linear in its probabilities up to its output projection ``W_O``:
+    ``attn_out(alpha) = alpha * (A V) W_O^T + b_O``. So ``P = (A V) W_O^T`` is computed once, the leaf of
+    the backward is ``u = alpha * P`` (``[k * r, T_q, hidden]``), and the gradient of the probabilities,
+    summed over the quadrature first, is ``(Σ_k w_k ∂F/∂u_k) W_O V^T`` per head: exact, with no
+    per-alpha attention or output-projection product.
+    """
+    from ..models import layer_from_attention_output, logits_from_layer, output_projection, values
     from ..models import repeat_batch as rep
 
     enc_layers = encoder_layers(model)
     last = len(enc_layers) - 1
+    block = enc_layers[layer]
     probs = group.probs.pop(layer)
     hidden_in = group.inputs.pop(layer)
     device = probs.device
     bsz, width = group.sub["input_ids"].shape
-    with torch.no_grad(), autocast(device, precision):
-        v = values(enc_layers[layer], hidden_in)
     rows = probs[:, :, :1, :] if layer == last else probs  # only [CLS] reaches the classifier
     rows32 = rows.float()
-    grad_sum = torch.zeros_like(rows32)
+    heads, t_q = rows.shape[1], rows.shape[2]
+    w_o = output_projection(block)
+    with torch.no_grad(), autocast(device, precision):
+        v = values(block, hidden_in)  # [r, heads, W, d]
+        context = torch.matmul(rows32.to(v.dtype), v)  # [r, heads, T_q, d]
+        flat = context.transpose(1, 2).reshape(bsz, t_q, -1)
+        proj = nn.functional.linear(flat, w_o.weight).float()  # (A V) W_O^T, [r, T_q, hidden]
+    bias = w_o.bias
+    residual = hidden_in[:, :1] if layer == last else hidden_in
+    grad_u = torch.zeros_like(proj)
     per = max(1, max_tokens // (bsz * width))
     if max_rows is not None:
         per = max(1, min(per, max_rows // bsz))
-    steps = alphas.shape[0]
-    for start, stop in split_evenly(steps, per):
+    for start, stop in split_evenly(alphas.shape[0], per):
         a = alphas[start:stop].to(device)
         w = weights[start:stop].to(device)
         k = stop - start
-        scaled = (a.view(k, 1, 1, 1, 1) * rows32.unsqueeze(0)).reshape(k * bsz, *rows.shape[1:])
-        scaled.requires_grad_(True)
+        u = (a.view(k, 1, 1, 1) * proj.unsqueeze(0)).reshape(k * bsz, t_q, -1)
+        u.requires_grad_(True)
         with torch.enable_grad(), autocast(device, precision):
-            context = torch.matmul(scaled, rep(v, k))
+            attn_out = u if bias is None else u + bias
+            out = layer_from_attention_output(block, attn_out, rep(residual, k))
             if layer == last:
-                out = layer_from_context(enc_layers[layer], context, rep(hidden_in[:, :1], k))
                 logits_a = classify(model, out)
             else:
-                out = layer_from_context(enc_layers[layer], context, rep(hidden_in, k))
                 logits_a = logits_from_layer(model, out, rep(group.mask, k), layer + 1)
             prob = _target_prob(logits_a, group.target.repeat(k))
-        (grad,) = torch.autograd.grad(prob.sum(), scaled)
-        grad_sum += (w.view(k, 1, 1, 1, 1) * grad.float().view(k, *rows.shape)).sum(0)
+        (grad,) = torch.autograd.grad(prob.sum(), u)
+        grad_u += (w.view(k, 1, 1, 1) * grad.float().view(k, bsz, t_q, -1)).sum(0)
+    grad_ctx = torch.matmul(grad_u, w_o.weight.float())  # [r, T_q, heads * d]
+    grad_ctx = grad_ctx.view(bsz, t_q, heads, -1).transpose(1, 2)
+    grad_rows = torch.matmul(grad_ctx, v.float().transpose(-1, -2))  # [r, heads, T_q, W]
     attr = torch.zeros(probs.shape, dtype=torch.float32, device=device)
-    attr[:, :, : rows.shape[2], :] = rows32 * grad_sum
+    attr[:, :, :t_q, :] = rows32 * grad_rows
     return attr, probs
 
 
@@ -223,8 +239,10 @@ def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, ma
 
     * each length group runs at its own width; its layers below the target layer run once (their
       output does not depend on alpha);
-    * the target layer starts from its attention context ``(alpha A) @ V`` (``V`` computed once), so
-      the scaled probabilities are the leaf of the backward and no Q/K/V projection is repeated;
+    * the target layer starts from its attention output ``alpha (A V) W_O^T + b_O`` (``A V`` and its
+      projection computed once; the layer is linear in ``A`` up to there), so no Q/K/V or output
+      projection is repeated per alpha, and the probabilities' gradient is formed once from the
+      quadrature-weighted gradient of that output;
     * the last layer is computed for the [CLS] query only (the classifier reads nothing else); for
       the last layer itself, only the [CLS] row of the attribution can be non-zero, and is;
     * rows and alpha steps share a forward of at most ``max_tokens`` tokens; parameters get no gradients.
