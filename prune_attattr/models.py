@@ -457,12 +457,14 @@ def cls_layer(
     projection and feed-forward for one position. ``control`` may carry ``head_mask`` or a ``replace``
     of shape ``[N, heads, 1, T]``.
 
-    Keys and values are not projected at all (families without rotary embeddings or extra score terms):
-    with one query per head, ``q_h . (W_K,h x_j + b_K,h) = (W_K,h^T q_h) . x_j + q_h . b_K,h`` and
-    ``Σ_j p_hj (W_V,h x_j + b_V,h) = W_V,h (Σ_j p_hj x_j) + (Σ_j p_hj) b_V,h``: the scores and the
-    probability-weighted sums are taken against the layer input ``x`` itself, ``heads x T x hidden``
-    products instead of the ``2 x T x hidden^2`` of the two projections; exact (the ``Σ_j p_hj`` of a
-    masked or scaled head is read from an appended column of ones).
+    When no ``control`` touches the layer (the fast path's and the evaluations' case) and the family has
+    no rotary embeddings or extra score terms, keys and values are not projected at all: with one query
+    per head, ``q_h . (W_K,h x_j + b_K,h) = (W_K,h^T q_h) . x_j + q_h . b_K,h`` and
+    ``Σ_j p_hj (W_V,h x_j + b_V,h) = W_V,h (Σ_j p_hj x_j) + (Σ_j p_hj) b_V,h``, so scores and
+    probability-weighted sums are taken against the layer input ``x`` itself: ``2 x heads x T x hidden``
+    multiply-adds instead of the ``2 x T x hidden^2`` of the two projections (1/32 of it for 12 heads of
+    384); exact up to float rounding. A layer the control touches takes the projected path, whose
+    probabilities the control reads and changes.
     """
     from .attention import attention_forward
     from .families import mask_channel
@@ -479,8 +481,9 @@ def cls_layer(
             c = mask_channel(layer)
             m = m[:, c : c + 1]
     scaling = fam.scaling(attn) if fam.scaling is not None else head_dim(attn) ** -0.5
-    if fam.rotate is None and fam.score_bias is None and fam.fused_qkv is None:
-        return _cls_layer_folded(layer, attn, fam, hidden, q, m, scaling, control)
+    untouched = control is None or not control.touches(getattr(attn, "layer_idx", -1))
+    if untouched and fam.rotate is None and fam.score_bias is None and fam.fused_qkv is None:
+        return _cls_layer_folded(layer, attn, fam, hidden, q, m, scaling)
     k = _qkv(layer, hidden, "k")
     v = _qkv(layer, hidden, "v")
     q_pos, k_pos = torch.arange(1, device=q.device), torch.arange(hidden.shape[1], device=q.device)
@@ -494,29 +497,25 @@ def cls_layer(
     return layer_from_context(layer, out.transpose(1, 2), hidden[:, :1])
 
 
-def _cls_layer_folded(layer, attn, fam: Family, hidden, q, m, scaling, control):
-    """:func:`cls_layer` with keys and values folded into the query and the output (see its docstring)."""
-    from .attention import attention_forward
-
+def _cls_layer_folded(layer, attn, fam: Family, hidden, q, m, scaling):
+    """:func:`cls_layer` with keys and values folded into the query and the output (see its docstring);
+    for a layer no :class:`AttentionControl` touches (plain softmax attention)."""
     x = fam.attn_input(layer, hidden) if fam.attn_input is not None else hidden  # [N, T, hidden]
     n, heads, _, d = q.shape
     key, value = get_path(attn, fam.key), get_path(attn, fam.value)
-    w_k = key.weight.view(heads, d, -1)
-    r = torch.einsum("nhqd,hde->nhqe", q, w_k)  # W_K,h^T q_h: [N, heads, 1, hidden]
+    r = torch.einsum("nhd,hde->nhe", q[:, :, 0], key.weight.view(heads, d, -1))  # W_K,h^T q_h: [N, heads, hidden]
+    scores = torch.bmm(r, x.transpose(1, 2))  # [N, heads, T]
     if key.bias is not None:
-        const = (q * key.bias.view(1, heads, 1, d)).sum(-1, keepdim=True) * scaling  # [N, heads, 1, 1]
-        m = const if m is None else m + const
-    keys = x.unsqueeze(1).expand(n, heads, *x.shape[1:])
-    ones = x.new_ones(*x.shape[:2], 1)
-    vals = torch.cat([x, ones], dim=-1).unsqueeze(1).expand(n, heads, x.shape[1], x.shape[2] + 1)
-    out, _ = attention_forward(attn, r, keys, vals, m, scaling=scaling, attention_control=control)
-    out = out.transpose(1, 2)  # [N, heads, 1, hidden + 1]: Σ_j p_hj x_j and Σ_j p_hj
-    pooled, mass = out[..., :-1], out[..., -1:]
-    w_v = value.weight.view(heads, d, -1)
-    context = torch.einsum("nhqe,hde->nhqd", pooled, w_v)
+        scores = scores + (q[:, :, 0] * key.bias.view(1, heads, d)).sum(-1, keepdim=True)
+    scores = scores * scaling
+    if m is not None:
+        scores = scores + m.reshape(n, 1, -1).to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    pooled = torch.bmm(probs.to(x.dtype), x)  # Σ_j p_hj x_j: [N, heads, hidden]
+    context = torch.einsum("nhe,hde->nhd", pooled, value.weight.view(heads, d, -1))
     if value.bias is not None:
-        context = context + mass * value.bias.view(1, heads, 1, d)
-    return layer_from_context(layer, context, hidden[:, :1])
+        context = context + probs.sum(-1, keepdim=True).to(context.dtype) * value.bias.view(1, heads, d)
+    return layer_from_context(layer, context.unsqueeze(2), hidden[:, :1])
 
 
 def logits_from_layer(
