@@ -27,15 +27,16 @@ import math
 import torch
 from torch import nn
 
+from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention, make_log_bucket_position
+
 from .attention import AttentionControl, active_control, attention_forward
 
 __all__ = ["ControlledDisentangledSelfAttention", "install", "relative_bias", "score_scale", "padding_bias"]
 
 
 def _scale_factor(attn: nn.Module) -> int:
-    """``s``: 1 for content-to-content plus one per relative-position term used."""
-    if not getattr(attn, "relative_attention", False):
-        return 1
+    """``s``: 1 for content-to-content plus one per relative-position term named in ``pos_att_type``
+    (counted even when ``relative_attention`` is off, as the stock module does)."""
     return 1 + int("c2p" in attn.pos_att_type) + int("p2c" in attn.pos_att_type)
 
 
@@ -46,8 +47,6 @@ def score_scale(attn: nn.Module) -> float:
 
 def _bucket(relative: torch.Tensor, attn: nn.Module) -> torch.Tensor:
     """DeBERTa-v2's log-bucketed relative positions (``make_log_bucket_position``), int64."""
-    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
-
     if attn.position_buckets > 0 and attn.max_relative_positions > 0:
         relative = make_log_bucket_position(relative, attn.position_buckets, attn.max_relative_positions)
     return relative.long()
@@ -104,25 +103,33 @@ def relative_bias(
 
 
 def padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """An additive float mask from DeBERTa's 0/1 mask ``[B, 1, T_q, T_k]`` (float masks pass unchanged)."""
-    if mask is None or mask.is_floating_point():
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask.bool(), torch.finfo(dtype).min)
+    """Additive key mask ``[B, 1, 1, T_k]`` (0 or the dtype's minimum) from DeBERTa's 0/1 mask.
 
-
-class ControlledDisentangledSelfAttention(nn.Module):
-    """``DisentangledSelfAttention`` whose probabilities go through :func:`~prune_attattr.attention.attention_forward`.
-
-    Never constructed: :func:`install` sets an existing module's ``__class__`` to a subclass of
-    both this class and the module's own class.
+    ``mask``: ``[B, T_k]``, ``[B, T_q, T_k]`` or ``[B, 1, T_q, T_k]``, any dtype, nonzero = attend (as
+    the stock module reads it). A key is kept when any query may attend to it: DeBERTa's outer-product
+    mask also masks whole padded query rows, which would leave rows of ``-inf`` under fp16 and give
+    NaN; the rows of real tokens are the same either way.
     """
+    if mask is None:
+        return None
+    keep = mask.bool()
+    if keep.dim() == 2:
+        keep = keep[:, None, None, :]
+    elif keep.dim() == 3:
+        keep = keep.unsqueeze(1)
+    keep = keep.any(-2, keepdim=True)
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill_(~keep, torch.finfo(dtype).min)
+
+
+class _ControlledForward(nn.Module):
+    """The forward that :func:`install` gives a ``DisentangledSelfAttention`` (mixed in before its class)."""
 
     def forward(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None, rel_embeddings=None):
         """Same arguments and results as the stock module.
 
         Args:
             hidden_states: ``[B, T, hidden]``; ``query_states`` (``[B, T, hidden]``) replaces it for queries.
-            attention_mask: DeBERTa's 0/1 mask ``[B, 1, T, T]`` or an additive float mask, or None.
+            attention_mask: DeBERTa's 0/1 mask (``[B, 1, T, T]``, nonzero = attend, any dtype) or None.
             relative_pos: ignored (recomputed from positions; equal to the encoder's for self-attention).
             rel_embeddings: ``[2S', hidden]`` relative embeddings.
 
@@ -152,16 +159,30 @@ class ControlledDisentangledSelfAttention(nn.Module):
         return context, (probs if output_attentions else None)
 
 
-_CLASSES: dict[type, type] = {}
+class ControlledDisentangledSelfAttention(_ControlledForward, DisentangledSelfAttention):
+    """``DisentangledSelfAttention`` whose probabilities go through :func:`~prune_attattr.attention.attention_forward`.
+
+    Never constructed: :func:`install` sets an existing module's ``__class__`` to it. A module-level
+    class, so a switched module pickles (``torch.save(model)``, spawned processes).
+    """
+
+
+_CLASSES: dict[type, type] = {DisentangledSelfAttention: ControlledDisentangledSelfAttention}
 
 
 def install(attn: nn.Module) -> None:
-    """Switch one ``DisentangledSelfAttention`` to :class:`ControlledDisentangledSelfAttention` in place (idempotent)."""
+    """Switch one ``DisentangledSelfAttention`` to :class:`ControlledDisentangledSelfAttention` in place (idempotent).
+
+    A subclass of the stock module gets its own switched class, registered in this module under
+    ``<name>WithControl``.
+    """
     cls = type(attn)
-    if issubclass(cls, ControlledDisentangledSelfAttention) or not hasattr(attn, "query_proj"):
+    if issubclass(cls, _ControlledForward) or not hasattr(attn, "query_proj"):
         return  # already switched, or a layer with no heads left (its stand-in module)
     new = _CLASSES.get(cls)
     if new is None:
-        new = type(f"Controlled{cls.__name__}", (ControlledDisentangledSelfAttention, cls), {})
+        name = f"{cls.__name__}WithControl"
+        new = type(name, (_ControlledForward, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = new
         _CLASSES[cls] = new
     attn.__class__ = new

@@ -141,8 +141,9 @@ def _deberta_call(model, base, layer, hidden, mask, control):
     """One DeBERTa layer with the encoder's relative embeddings; the control reaches the hook through a context."""
     from .attention import controlled
 
+    keep = None if mask is None else mask == 0  # embed()'s additive mask -> DeBERTa's 0/1 form
     with controlled(control):
-        return layer(hidden, mask, rel_embeddings=base.encoder.get_rel_embedding())
+        return layer(hidden, keep, rel_embeddings=base.encoder.get_rel_embedding())
 
 
 def _deberta_bias(model, base, layer, query, key, q_positions, k_positions):

@@ -268,7 +268,7 @@ def prepare(model: nn.Module) -> Family:
             "call model.float() first (load_classifier does this)"
         )
     impl = register_attention()
-    if getattr(model.config, "_attn_implementation", None) != impl:
+    if fam.install is None and getattr(model.config, "_attn_implementation", None) != impl:
         model.set_attn_implementation(impl)
     layers = get_path(model, layers_path(fam, model))
     for i, layer in enumerate(layers):
@@ -353,6 +353,13 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     fam = prepare(model)
     base = base_model(model)
     hidden = fam.embed(model, base, batch)
+    if fam.install is not None:  # a hooked family: no attention-interface mask function; the eager additive mask
+        am = batch.get("attention_mask")
+        if am is None or bool(am.all()):
+            return hidden, None
+        b, t = am.shape
+        add = (1.0 - am[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        return hidden, add.expand(b, 1, t, t)
     kw = dict(config=base.config, inputs_embeds=hidden, attention_mask=batch.get("attention_mask"))
     mask = create_bidirectional_mask(**kw)
     if not fam.sliding_window:

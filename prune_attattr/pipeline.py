@@ -237,6 +237,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
         ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
+    label_order = None
     if ft_enc is None:  # a model used as it is: its labels must be the task's, in the task's order
         label_order = check_labels(model, labels, r.data.label_map)  # model class ids in the task's order
         if label_order != list(range(len(labels))):
@@ -265,7 +266,8 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     # a classifier head initialised at random (no fine-tuning, base model without one) depends on the seed;
     # the device type and precision change the figures in their last digits (the process count does not)
     model_key = digest(
-        "model", fingerprint, labels, None if ft_enc is not None else r.seed, accelerator.device.type, str(accelerator.mixed_precision)
+        "model", fingerprint, labels, label_order, None if ft_enc is not None else r.seed, accelerator.device.type,
+        str(accelerator.mixed_precision),
     )
     dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
     imp_loader = ctx.loader(imp_enc, r.importance.batch_size)

@@ -253,6 +253,29 @@ def test_deberta_hook_equals_stock_attention(kind):
         assert torch.allclose(pruned(**inputs).logits, stock_pruned(**inputs).logits, atol=1e-5)
 
 
+def test_deberta_hook_edge_cases(tmp_path):
+    """Relative attention off (the score scale still counts pos_att_type, as stock does), a float 0/1
+    attention mask (still a mask, not an additive bias), and a switched model that pickles and reloads."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = tiny_config("deberta-v2")
+    config.relative_attention = False
+    torch.manual_seed(0)
+    stock = AutoModelForSequenceClassification.from_config(config).eval()
+    ours = copy.deepcopy(stock)
+    prepare(ours)
+    inputs = {k: v for k, v in tiny_batch(kind="deberta-v2").items() if k != "labels"}
+    floats = {**inputs, "attention_mask": inputs["attention_mask"].float()}
+    with torch.no_grad():
+        want = stock(**inputs).logits
+        for got in (ours(**inputs).logits, ours(**floats).logits, forward_logits(ours, floats)):
+            assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    torch.save(ours, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, ours(**inputs).logits)
+
+
 def test_modernbert_mean_pooling_refused():
     model = tiny_model("modernbert")
     model.config.classifier_pooling = "mean"
