@@ -171,11 +171,7 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
 
 def write_plot(report: dict, path: Path) -> None:
     """PNG plot of metric (%) versus heads kept, all methods (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     kept, by_method = _grid(report)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for method, d in by_method.items():
@@ -188,9 +184,7 @@ def write_plot(report: dict, path: Path) -> None:
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 # ---- recovery (issue 10): cost and accuracy of the tried models, metric-versus-latency plot --------
@@ -268,11 +262,7 @@ def write_tradeoff_plot(report: dict, path: Path) -> bool:
     rec = report.get("recovery")
     if not rec or not all(m.get("latency_ms") is not None for m in rec["models"]):
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     metric = report["primary_metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     base = rec["models"][0]
@@ -290,9 +280,7 @@ def write_tradeoff_plot(report: dict, path: Path) -> bool:
     ax.set_title(f"{report['task']}: {metric} vs latency ({report['model_short']})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -348,12 +336,20 @@ def _settings_lines(report: dict) -> list[str]:
 
 
 def _plt():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Lay out, write and close a matplotlib figure (every PNG of the report)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    _plt().close(fig)
 
 
 def _dump(path: Path, data) -> None:
@@ -398,9 +394,7 @@ def draw_tree(tree: dict, path: Path) -> None:
     ax.set_yticklabels(["input"] + [f"layer {i}" for i in range(1, n_layers + 1)], fontsize=8)
     ax.set_ylim(-0.5, n_layers + 0.8)
     ax.set_title(f"attribution tree (tau = {tree['threshold']}); prediction: {tree['prediction']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_effectiveness(result: dict, path: Path) -> None:
@@ -418,9 +412,7 @@ def plot_effectiveness(result: dict, path: Path) -> None:
     ax.set_title(f"effectiveness of attribution ({result['examples']} examples; {result['quadrature']} m = {result['steps']}, gold label)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_connections(result: dict, path: Path) -> None:
@@ -435,9 +427,7 @@ def plot_connections(result: dict, path: Path) -> None:
     ax.set_title(f"pruning single connections ({result['examples']} examples; not the paper's head-level experiment)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_universality(result: dict, path: Path) -> None:
@@ -458,9 +448,7 @@ def plot_universality(result: dict, path: Path) -> None:
         ax.set_title(f"Pearson r = {r:.3f}", fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle("head importance (AttAttr, summed over examples)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _trigger_name(p: dict) -> str:
@@ -491,9 +479,7 @@ def plot_triggers(result: dict, labels: list[str], path: Path) -> None:
     ax.set_title("adversarial triggers: the 3 with the largest mean drop (#: rank by attribution)" + (f"; mean drop {mean:.1f} points" if mean is not None else ""), fontsize=8)
     ax.legend(fontsize=7, ncol=len(names))
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _acc(x: float | None) -> str:
