@@ -264,18 +264,26 @@ def _keyword_task(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def _keyword_recipe(tmp_path: Path, n_train: int, n_dev: int, epochs: int, overrides: list[str]):
+    """A recipe fine-tuning the tiny BERT of :func:`_tiny_model_dir` on the keyword task (all but the last
+    32 training rows; lr 3e-3, batch 16, no warm-up), then ``overrides``."""
+    model_dir = _tiny_model_dir(tmp_path / "tiny")
+    train, dev = _keyword_task(tmp_path / "train.csv", n_train, 0), _keyword_task(tmp_path / "dev.csv", n_dev, 1)
+    return load_recipe(None, [
+        f"model.path={model_dir}", "model.max_length=16", "seed=1",
+        f"data={{task: custom, train_file: {train}, dev_file: {dev}, text_column: text, label_column: label, labels: [neg, pos]}}",
+        f"finetune.train_examples={n_train - 32}", "finetune.batch_size=16", "finetune.learning_rate=3e-3", f"finetune.epochs={epochs}",
+        "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}", *overrides,
+    ])
+
+
 @pytest.mark.slow
 def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatch):
     from prune_attattr import load_pruned, run
     from prune_attattr.pipeline import prepare
 
     monkeypatch.chdir(tmp_path)
-    model_dir = _tiny_model_dir(tmp_path / "tiny")
-    train, dev = _keyword_task(tmp_path / "train.csv", 480, 0), _keyword_task(tmp_path / "dev.csv", 96, 1)
-    recipe = load_recipe(None, [
-        f"model.path={model_dir}", "model.max_length=16", "seed=1",
-        f"data={{task: custom, train_file: {train}, dev_file: {dev}, text_column: text, label_column: label, labels: [neg, pos]}}",
-        "finetune.train_examples=448", "finetune.batch_size=16", "finetune.learning_rate=3e-3", "finetune.epochs=4", "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}",
+    recipe = _keyword_recipe(tmp_path, 480, 96, 4, [
         "importance.methods=[attattr]", "importance.examples=32", "importance.attattr.steps=2",
         "pruning.step_fraction=0.25", "export.max_drop=0.02", "export.onnx=false",
         "recovery.enabled=true", "recovery.train_examples=128", "recovery.batch_size=16", "recovery.learning_rate=3e-3",
@@ -333,12 +341,7 @@ def test_iterative_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
     from prune_attattr.pruning import pruning_curve
 
     monkeypatch.chdir(tmp_path)
-    model_dir = _tiny_model_dir(tmp_path / "tiny")
-    train, dev = _keyword_task(tmp_path / "train.csv", 320, 0), _keyword_task(tmp_path / "dev.csv", 64, 1)
-    recipe = load_recipe(None, [
-        f"model.path={model_dir}", "model.max_length=16", "seed=1",
-        f"data={{task: custom, train_file: {train}, dev_file: {dev}, text_column: text, label_column: label, labels: [neg, pos]}}",
-        "finetune.train_examples=288", "finetune.batch_size=16", "finetune.learning_rate=3e-3", "finetune.epochs=3", "finetune.warmup_ratio=0", f"finetune.cache_dir={tmp_path / 'cache'}",
+    recipe = _keyword_recipe(tmp_path, 320, 64, 3, [
         "importance.methods=[taylor]", "importance.examples=32", "pruning.step_fraction=0.25", "pruning.schedule=iterative",
         "recovery.enabled=true", "recovery.train_examples=96", "recovery.iterative_examples=64", "recovery.batch_size=16",
         "recovery.learning_rate=3e-3", "export.onnx=false", "export.method=taylor",
