@@ -387,8 +387,9 @@ class Recipe(_Strict):
             missing = [k for k in ("dev_file", "text_column", "label_column", "labels") if getattr(d, k) in (None, [])]
             if missing:
                 raise ValueError(f"data.task 'custom' needs data.{', data.'.join(missing)}")
-            if self.finetune.enabled and not d.train_file:
-                raise ValueError("finetune.enabled needs data.train_file for a custom task")
+            for section, on in (("finetune", self.finetune.enabled), ("recovery", self.recovery.enabled)):
+                if on and not d.train_file:
+                    raise ValueError(f"{section}.enabled needs data.train_file for a custom task")
         elif d.task == "dataset":
             missing = [k for k in ("dataset", "text_column", "label_column") if getattr(d, k) is None]
             if missing:
@@ -434,8 +435,6 @@ class Recipe(_Strict):
             raise ValueError("recovery.enabled needs export.enabled (recovery trains the export candidates)")
         if rec.enabled and self.data.task == "mnli":
             raise ValueError("recovery.enabled trains on the training split; data.task 'mnli' has none here")
-        if rec.enabled and self.data.task == "custom" and not self.data.train_file:
-            raise ValueError("recovery.enabled needs data.train_file for a custom task")
         if p.schedule == "iterative":
             if not rec.enabled:
                 raise ValueError("pruning.schedule 'iterative' recovers between steps: set recovery.enabled true")

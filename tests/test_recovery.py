@@ -203,6 +203,8 @@ def test_recipe_recovery_checks():
         load_recipe(None, ["recovery.alpha=1.5"])
     with pytest.raises(RecipeError, match="needs export.enabled"):
         load_recipe(None, ["recovery.enabled=true", "export.enabled=false"])
+    with pytest.raises(RecipeError, match="recovery.enabled needs data.train_file for a custom task"):
+        load_recipe(None, ["recovery.enabled=true", "finetune.enabled=false", "data={task: custom, dev_file: d.csv, text_column: t, label_column: l, labels: [a, b]}"])
 
 
 def _env():
