@@ -433,8 +433,6 @@ class Recipe(_Strict):
         rec, p = self.recovery, self.pruning
         if rec.enabled and not self.export.enabled:
             raise ValueError("recovery.enabled needs export.enabled (recovery trains the export candidates)")
-        if rec.enabled and self.data.task == "mnli":
-            raise ValueError("recovery.enabled trains on the training split; data.task 'mnli' has none here")
         if p.schedule == "iterative":
             if not rec.enabled:
                 raise ValueError("pruning.schedule 'iterative' recovers between steps: set recovery.enabled true")

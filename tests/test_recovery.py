@@ -205,6 +205,7 @@ def test_recipe_recovery_checks():
         load_recipe(None, ["recovery.enabled=true", "export.enabled=false"])
     with pytest.raises(RecipeError, match="recovery.enabled needs data.train_file for a custom task"):
         load_recipe(None, ["recovery.enabled=true", "finetune.enabled=false", "data={task: custom, dev_file: d.csv, text_column: t, label_column: l, labels: [a, b]}"])
+    assert load_recipe(None, ["recovery.enabled=true", "data.task=mnli"]).recovery.enabled  # MNLI train ships now
 
 
 def _env():
