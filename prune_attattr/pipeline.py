@@ -430,6 +430,27 @@ class ExportChoice:
         }
 
 
+def _exact_heads_target(prep: Prepared, scores: torch.Tensor, curve: list) -> tuple[int | None, dict[int, list[int]]]:
+    """``export.heads``: the index of the curve step keeping that many heads and its pruned heads, or, when
+    no step does, ``(None, the lowest-scored heads)``.
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count (check_run refuses it first; kept for callers
+            that skip it).
+    """
+    heads, total = prep.ctx.recipe.export.heads, num_heads_total(prep.model)
+    if heads > total:
+        raise RunError(f"export.heads {heads} exceeds the model's {total} heads")
+    index = next((i for i, s in enumerate(curve) if s.heads_kept == heads), None)
+    pruned = curve[index].pruned_heads if index is not None else heads_to_prune(scores, total - heads)
+    return index, {int(k): v for k, v in pruned.items()}
+
+
+def _within_budget(curve: list, metric: str, floor: float) -> list[int]:
+    """Indices of the curve steps whose ``metric`` is at least ``floor`` (1e-12 tolerance), least pruned first."""
+    return [i for i, s in enumerate(curve) if s.metrics[metric] >= floor - 1e-12]
+
+
 def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict) -> ExportChoice:
     """Pick the step to export (``export.heads`` or the most pruned within ``export.max_drop``), prune a
     copy of the model, and evaluate it when it is not a curve step. Runs on every process (evaluation
@@ -437,21 +458,16 @@ def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict) ->
     ctx = prep.ctx
     e = ctx.recipe.export
     metric = ctx.metrics[0]
-    total = num_heads_total(prep.model)
     curve = curves[e.method]
     if e.heads is not None:
-        if e.heads > total:  # check_run refused this already; kept for callers that skip it
-            raise RunError(f"export.heads {e.heads} exceeds the model's {total} heads")
-        step = next((s for s in curve if s.heads_kept == e.heads), None)
-        pruned = step.pruned_heads if step else heads_to_prune(scores[e.method], total - e.heads)
+        index, pruned = _exact_heads_target(prep, scores[e.method], curve)
+        step = curve[index] if index is not None else None
         rule = f"exactly {e.heads} heads kept"
     else:
-        floor = baseline[metric] - e.max_drop
-        ok = [s for s in curve if s.metrics[metric] >= floor - 1e-12]
-        step = min(ok, key=lambda s: s.heads_kept) if ok else curve[0]
-        pruned = step.pruned_heads
+        within = _within_budget(curve, metric, baseline[metric] - e.max_drop)
+        step = curve[max(within)] if within else curve[0]  # heads kept fall along the curve: the last is the most pruned
+        pruned = {int(k): v for k, v in step.pruned_heads.items()}
         rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
-    pruned = {int(k): v for k, v in pruned.items()}
     pruned_model = prune_heads(copy.deepcopy(prep.model), pruned)
     metrics = step.metrics if step is not None else cached_evaluate(prep, pruned_model)[0]
     return ExportChoice(e.method, rule, pruned_model, pruned, metrics)
@@ -691,19 +707,17 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
 
         kept = [s.heads_kept for s in curve]
         if e.heads is not None:
-            if e.heads > total:
-                raise RunError(f"export.heads {e.heads} exceeds the model's {total} heads")
-            if e.heads in kept:
-                index = kept.index(e.heads)
+            index, pruned = _exact_heads_target(prep, scores[e.method], curve)
+            if index is not None:
                 recovered_metric(index)
             else:
-                index = len(curve)
-                recovered_metric(index, {str(k): v for k, v in heads_to_prune(scores[e.method], total - e.heads).items()})
+                index = len(curve)  # a step off the curve
+                recovered_metric(index, pruned)
             tried = [index]
             rule = f"exactly {e.heads} heads kept, after recovery"
         else:
             floor = baseline[metric] - e.max_drop
-            within = [i for i, s in enumerate(curve) if s.metrics[metric] >= floor - 1e-12]
+            within = _within_budget(curve, metric, floor)
             choice = search_budget(kept, floor, recovered_metric, known_within=max(within) if within else 0)
             index, tried = choice.index, choice.tried
             rule = (
