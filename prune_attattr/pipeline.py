@@ -196,6 +196,7 @@ class Prepared:
     imp_loader: object
     finetune_info: dict | None
     model_key: str = ""
+    unpruned_latency: dict | None = None  # ONNX Runtime latency of ``model`` on the latency feeds, measured once
 
 
 def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache: bool = True) -> Prepared:
@@ -615,16 +616,22 @@ def _latency_feeds(prep: Prepared) -> dict:
 def _onnx_latency(prep: Prepared, model, feeds: dict, example: dict | None = None, path: Path | None = None) -> dict:
     """ONNX Runtime latency (:func:`prune_attattr.export.onnx_latency`, ms) of ``model`` on ``feeds``: of the
     graph at ``path``, or of ``model`` exported (with ``example``) to a temporary file. The one latency
-    measurement of the export and recovery stages, so their figures compare."""
+    measurement of the export and recovery stages, so their figures compare; the unpruned model's is
+    measured once per run (``prep.unpruned_latency``)."""
     from .export import export_onnx, onnx_latency
 
+    if model is prep.model and path is None and prep.unpruned_latency is not None:
+        return prep.unpruned_latency
     r = prep.ctx.recipe
     threads = r.runtime.threads or torch.get_num_threads()
     if path is not None:
         return onnx_latency(path, feeds, r.export.latency_repeats, threads)
     with tempfile.TemporaryDirectory() as d:
         path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "m.onnx", example, opset=r.export.onnx_opset)
-        return onnx_latency(path, feeds, r.export.latency_repeats, threads)
+        latency = onnx_latency(path, feeds, r.export.latency_repeats, threads)
+    if model is prep.model:
+        prep.unpruned_latency = latency
+    return latency
 
 
 def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
