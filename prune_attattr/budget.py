@@ -11,7 +11,7 @@ budget without recovery, since recovery does not make a model worse there.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 __all__ = ["Trial", "BudgetChoice", "search_budget"]
 
@@ -24,9 +24,6 @@ class Trial:
     heads_kept: int
     metric: float
     within: bool
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
