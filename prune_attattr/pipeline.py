@@ -577,6 +577,8 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
     the first ``recovery.iterative_examples`` recovery examples, one epoch), re-score with ``method``, prune
     again (Michel et al. 2019's iterative pruning with recovery between steps). Not stage-cached: the
     weights change along the curve. Step ``k``'s recovered model is kept in ``state.snapshots[k]``."""
+    from accelerate.utils import set_seed
+
     from .recovery import recover, recovery_dataloader
 
     ctx, r = prep.ctx, prep.ctx.recipe
@@ -592,6 +594,7 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
         n = min(r.recovery.iterative_examples, len(state.train))
         loader = recovery_dataloader(state.train.subset(range(n)), batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed + step)
         table = state.table[:n] if state.table is not None else None
+        set_seed(r.seed + step)  # dropout draws independent of which earlier stages ran or came from the cache
         recover(work, None, loader, ctx.accelerator, r.recovery.model_copy(update={"epochs": 1}), cached_teacher=table)
         state.snapshots[step] = copy.deepcopy(work)
         return _importance(method, work, prep.imp_loader, ctx)
@@ -677,6 +680,8 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     Raises:
         RunError: ``export.heads`` above the model's head count.
     """
+    from accelerate.utils import set_seed
+
     from .budget import search_budget
     from .recovery import recover
 
@@ -703,6 +708,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
             pruned = curve[i].pruned_heads if on_curve else pruned
             student = start_model(i, pruned, on_curve)
             before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+            set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
             info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
             after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
             models[i], infos[i] = student, {"before": before, "after": after, "recovery": info}
