@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["PRUNED_HEADS_KEY", "ModelError", "Family", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
+__all__ = ["PRUNED_HEADS_KEY", "ModelError", "Family", "FeedForwardSplit", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
 
 
 PRUNED_HEADS_KEY = "prune_attattr_pruned_heads"  # config key: {layer: [original head indices]} removed
@@ -87,6 +87,53 @@ def _modernbert_finish(layer, attn_out, residual):
     """Pre-norm layer: ``h = x + W_O ctx``, then ``h + MLP(LN(h))``."""
     hidden = residual + attn_out
     return hidden + layer.mlp(layer.mlp_norm(hidden))
+
+
+@dataclass(frozen=True)
+class FeedForwardSplit:
+    """An encoder layer after its attention output, split at the feed-forward block's first linear map.
+
+    With ``s = residual + attn_out`` (what the layer's ``finish`` starts from):
+    ``finish(layer, attn_out, residual) == rest(first(norm(s)), norm(s), s)``.
+
+    Attributes:
+        norm: the ``nn.LayerNorm`` in front of the feed-forward block (post-norm: the attention
+            block's norm; pre-norm: the feed-forward's own).
+        first: the feed-forward's first ``nn.Linear`` (hidden -> intermediate, GLU: 2 x intermediate).
+        rest: ``(pre [N, T, F], normed [N, T, hidden], summed [N, T, hidden]) -> [N, T, hidden]``: the
+            layer from ``first``'s output on (activation, second linear map, residual, norm).
+    """
+
+    norm: nn.Module
+    first: nn.Module
+    rest: Callable
+
+
+def _bert_split(layer):
+    return FeedForwardSplit(
+        layer.attention.output.LayerNorm,
+        layer.intermediate.dense,
+        lambda pre, normed, summed: layer.output(layer.intermediate.intermediate_act_fn(pre), normed),
+    )
+
+
+def _distilbert_split(layer):
+    ffn = layer.ffn
+    return FeedForwardSplit(
+        layer.sa_layer_norm,
+        ffn.lin1,
+        lambda pre, normed, summed: layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(pre))) + normed),
+    )
+
+
+def _modernbert_split(layer):
+    mlp = layer.mlp
+
+    def rest(pre, normed, summed):
+        x, gate = pre.chunk(2, dim=-1)
+        return summed + mlp.Wo(mlp.drop(mlp.act(x) * gate))
+
+    return FeedForwardSplit(layer.mlp_norm, mlp.Wi, rest)
 
 
 def _modernbert_attn_input(layer, hidden):
@@ -236,6 +283,9 @@ class Family:
         scaling: ``(attention module) -> float``, the multiplier of ``Q K^T`` (default ``head_dim ** -0.5``).
         install: ``(attention module) -> None``: puts the family's own attention hook in place, for a
             family whose attention module does not call the transformers attention interface.
+        ffn_split: ``(layer) -> FeedForwardSplit``: the layer after its attention output split at the
+            feed-forward's first linear map (AttAttr's fast path applies that map once per group of
+            rows instead of once per alpha step), or None.
         check: raises :class:`UnsupportedModel` for a configuration of the family that is not handled.
     """
 
@@ -262,6 +312,7 @@ class Family:
     score_bias: Callable | None = None
     scaling: Callable | None = None
     install: Callable | None = None
+    ffn_split: Callable | None = None
     check: Callable | None = field(default=None, compare=False)
 
     @property
@@ -275,7 +326,7 @@ class Family:
         return ("input_ids", "attention_mask", "token_type_ids") if self.token_type_ids else ("input_ids", "attention_mask")
 
 
-_BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish)
+_BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish, ffn_split=_bert_split)
 
 FAMILIES: dict[str, Family] = {}
 for _fam in (
@@ -311,6 +362,7 @@ for _fam in (
         embed=_distilbert_embed,
         finish=_distilbert_finish,
         head=_distilbert_head,
+        ffn_split=_distilbert_split,
         token_type_ids=False,
     ),
     Family(
@@ -323,6 +375,7 @@ for _fam in (
         embed=_modernbert_embed,
         finish=_modernbert_finish,
         head=_modernbert_head,
+        ffn_split=_modernbert_split,
         attn_input=_modernbert_attn_input,
         token_type_ids=False,
         sliding_window=True,
@@ -343,6 +396,7 @@ for _fam in (
         embed=_deberta_embed,
         finish=_bert_finish,
         head=_deberta_head,
+        ffn_split=_bert_split,
         call_layer=_deberta_call,
         score_bias=_deberta_bias,
         scaling=_deberta_scaling,

@@ -44,6 +44,7 @@ __all__ = [
     "values",
     "layer_from_context",
     "layer_from_attention_output",
+    "feed_forward_split",
     "output_projection",
     "cls_layer",
     "logits_from_layer",
@@ -411,6 +412,18 @@ def layer_from_attention_output(layer: nn.Module, attn_out: torch.Tensor, residu
     """Finish an encoder layer from its attention block's output ``attn_out [N, T_q, hidden]`` (after the
     output projection and its bias): residual, norms, feed-forward. Returns ``[N, T_q, hidden]``."""
     return _family_of_layer(layer).finish(layer, attn_out, residual)
+
+
+def feed_forward_split(layer: nn.Module):
+    """The layer's :class:`~prune_attattr.families.FeedForwardSplit`, or None when its family gives none
+    or its pieces are not a 1-D ``nn.LayerNorm`` and an ``nn.Linear`` (callers then use :func:`layer_from_attention_output`)."""
+    fam = _family_of_layer(layer)
+    if fam.ffn_split is None:
+        return None
+    split = fam.ffn_split(layer)
+    if not isinstance(split.norm, nn.LayerNorm) or len(split.norm.normalized_shape) != 1 or not isinstance(split.first, nn.Linear):
+        return None
+    return split
 
 
 def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,39 @@ def test_attribution_fast_reference_brute_force(kind):
         assert torch.allclose(fast[:, layer], brute, atol=1e-5), float((fast[:, layer] - brute).abs().max())
 
 
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_feed_forward_split_is_the_layer(kind, monkeypatch):
+    """The fast path's linearised feed-forward input (``_ScaledTargetLayer``) is exact with non-trivial norms:
+    the family's split recomposes the layer, and the attribution matches the per-alpha path and Eq. 3."""
+    from prune_attattr import models
+    from prune_attattr.models import encoder_layers, feed_forward_split, layer_from_attention_output
+
+    model = tiny_model(kind)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # random init leaves every norm at gamma 1, beta 0, which would hide a misplaced gamma or beta
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
+                if mod.bias is not None:
+                    mod.bias.copy_(0.3 * torch.randn(mod.bias.shape, generator=g))
+    x, attn_out = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    for layer in encoder_layers(model):
+        split = feed_forward_split(layer)
+        assert split is not None, kind
+        with torch.no_grad():
+            s = x + attn_out
+            recomposed = split.rest(split.first(split.norm(s)), split.norm(s), s)
+            assert torch.allclose(recomposed, layer_from_attention_output(layer, attn_out, x), atol=1e-6)
+    batch = tiny_batch(kind=kind, batch=3)
+    fast = attention_attribution(model, batch, steps=4, mode="fast")
+    monkeypatch.setattr(models, "feed_forward_split", lambda layer: None)
+    per_alpha = attention_attribution(model, batch, steps=4, mode="fast")
+    assert fast.abs().max() > 1e-3
+    assert torch.allclose(fast, per_alpha, atol=1e-5), float((fast - per_alpha).abs().max())
+    brute = _brute_force(model, batch, 0, 4)
+    assert torch.allclose(fast[:, 0], brute, atol=1e-5), float((fast[:, 0] - brute).abs().max())
+
+
 def _loader(model, batch, accelerator, batch_size=2):
     keep = batch["attention_mask"].bool()
     ids = [row[m].tolist() for row, m in zip(batch["input_ids"], keep)]

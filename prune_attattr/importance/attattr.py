@@ -174,16 +174,77 @@ def _prepare_fast(model, group: _Group, layers: list[int], target: Target, preci
     group.target = _targets(logits, group.sub, target)
 
 
+class _ScaledTargetLayer:
+    """The target layer from its attention output on, for a chunk of alpha steps at once.
+
+    The layer is linear in its probabilities up to the output projection ``W_O``:
+    ``attn_out(alpha) = alpha * P + b_O`` with ``P = (A V) W_O^T`` (``[r, T_q, hidden]``, computed once).
+    Step ``k`` of a chunk runs the rest of the layer on ``alpha_k P + b_O + w_k δ``, where ``δ``
+    (``[r, T_q, hidden]``, zeros) is one leaf shared by the chunk's steps: the gradient of
+    ``Σ_k F_k`` with respect to ``δ`` is the quadrature sum ``Σ_k w_k ∂F/∂attn_out(alpha_k)`` itself.
+
+    When the family splits the layer at its feed-forward's first linear map ``W_1``
+    (:func:`prune_attattr.models.feed_forward_split`), that map is not applied per step. Its input is
+    ``norm(s_k)`` with ``s_k = x + b_O + alpha_k P + w_k δ`` (``x`` the residual); the centred
+    ``c(s_k) = c(x + b_O) + alpha_k c(P) + w_k c(δ)`` is affine in the step, so with ``γ, β`` the norm's
+    affine parameters and ``σ_k`` its per-token scale,
+
+        W_1 norm(s_k) + b_1 = (H_0 + alpha_k H_1 + w_k W_1 (γ ⊙ c(δ))) / σ_k + W_1 β + b_1,
+        H_0 = W_1 (γ ⊙ c(x + b_O)),   H_1 = W_1 (γ ⊙ c(P)),
+
+    an identity in ``δ``: ``H_0`` and ``H_1`` are computed once per group, the ``δ`` term once per
+    chunk (and its backward is one product with ``W_1``, not one per step). Exact up to float rounding.
+    """
+
+    def __init__(self, block: nn.Module, residual: torch.Tensor, proj: torch.Tensor, precision: str):
+        from ..models import feed_forward_split, output_projection
+
+        self.block = block
+        bias = output_projection(block).bias
+        self.residual = residual
+        self.base = residual if bias is None else residual + bias  # [r, T_q, hidden]
+        self.proj = proj
+        self.split = feed_forward_split(block)
+        if self.split is not None:
+            norm, first = self.split.norm, self.split.first
+            gamma = norm.weight if norm.weight is not None else torch.ones_like(proj[0, 0])
+            self.gamma = gamma
+            with torch.no_grad(), autocast(proj.device, precision):
+                self.h0 = nn.functional.linear(gamma * (self.base - self.base.mean(-1, keepdim=True)), first.weight)
+                self.h1 = nn.functional.linear(gamma * (proj - proj.mean(-1, keepdim=True)), first.weight)
+                beta = norm.bias if norm.bias is not None else torch.zeros_like(gamma)
+                self.c1 = nn.functional.linear(beta, first.weight, first.bias)
+
+    def __call__(self, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(δ leaf [r, T_q, hidden], layer output [k * r, T_q, hidden])`` for steps ``a [k]``, weights ``w [k]``
+        (copy-major rows); call under ``enable_grad`` and the run's autocast."""
+        from ..models import layer_from_attention_output
+        from ..models import repeat_batch as rep
+
+        k, (r, t_q, _) = a.shape[0], self.base.shape
+        av, wv = a.view(k, 1, 1, 1), w.view(k, 1, 1, 1)
+        delta = torch.zeros_like(self.base, dtype=torch.float32, requires_grad=True)
+        if self.split is None:
+            attn_out = (av * self.proj + wv * delta).reshape(k * r, t_q, -1)
+            bias = self.base - self.residual
+            return delta, layer_from_attention_output(self.block, attn_out + rep(bias, k), rep(self.residual, k))
+        norm, first = self.split.norm, self.split.first
+        summed = (self.base + av * self.proj + wv * delta).reshape(k * r, t_q, -1)
+        normed = norm(summed)
+        scale = torch.rsqrt(summed.float().var(-1, unbiased=False, keepdim=True) + norm.eps)  # 1 / σ_k
+        d_in = nn.functional.linear(self.gamma * (delta - delta.mean(-1, keepdim=True)), first.weight)
+        pre = (self.h0 + av * self.h1 + wv * d_in).reshape(k * r, t_q, -1) * scale + self.c1
+        return delta, self.split.rest(pre.to(normed.dtype), normed, summed)
+
+
 def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: int, max_rows: int | None, precision: str):
     """Attribution ``[r, kept, W, W]`` float32 of ``layer`` for one prepared group (see :func:`_fast_attributions`).
 
-    The target layer is linear in its probabilities up to its output projection ``W_O``:
-    ``attn_out(alpha) = alpha * (A V) W_O^T + b_O``. So ``P = (A V) W_O^T`` is computed once, the leaf of
-    the backward is ``u = alpha * P`` (``[k * r, T_q, hidden]``), and the gradient of the probabilities,
-    summed over the quadrature first, is ``(Σ_k w_k ∂F/∂u_k) W_O V^T`` per head: exact, with no
-    per-alpha attention or output-projection product.
+    The backward's leaf is the target layer's attention output (:class:`_ScaledTargetLayer`); the
+    gradient of the probabilities, summed over the quadrature, is ``(Σ_k w_k ∂F/∂attn_out_k) W_O V^T``
+    per head: exact, with no per-alpha attention or output-projection product.
     """
-    from ..models import layer_from_attention_output, logits_from_layer, output_projection, values
+    from ..models import logits_from_layer, output_projection, values
     from ..models import repeat_batch as rep
 
     enc_layers = encoder_layers(model)
@@ -202,8 +263,7 @@ def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: i
         context = torch.matmul(rows32.to(v.dtype), v)  # [r, heads, T_q, d]
         flat = context.transpose(1, 2).reshape(bsz, t_q, -1)
         proj = nn.functional.linear(flat, w_o.weight).float()  # (A V) W_O^T, [r, T_q, hidden]
-    bias = w_o.bias
-    residual = hidden_in[:, :1] if layer == last else hidden_in
+    scaled = _ScaledTargetLayer(block, hidden_in[:, :1] if layer == last else hidden_in, proj, precision)
     grad_u = torch.zeros_like(proj)
     per = max(1, max_tokens // (bsz * width))
     if max_rows is not None:
@@ -212,18 +272,15 @@ def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: i
         a = alphas[start:stop].to(device)
         w = weights[start:stop].to(device)
         k = stop - start
-        u = (a.view(k, 1, 1, 1) * proj.unsqueeze(0)).reshape(k * bsz, t_q, -1)
-        u.requires_grad_(True)
         with torch.enable_grad(), autocast(device, precision):
-            attn_out = u if bias is None else u + bias
-            out = layer_from_attention_output(block, attn_out, rep(residual, k))
+            delta, out = scaled(a, w)
             if layer == last:
                 logits_a = classify(model, out)
             else:
                 logits_a = logits_from_layer(model, out, rep(group.mask, k), layer + 1)
             prob = _target_prob(logits_a, group.target.repeat(k))
-        (grad,) = torch.autograd.grad(prob.sum(), u)
-        grad_u += (w.view(k, 1, 1, 1) * grad.float().view(k, bsz, t_q, -1)).sum(0)
+        (grad,) = torch.autograd.grad(prob.sum(), delta)  # Σ_k w_k ∂F/∂attn_out(alpha_k)
+        grad_u += grad.float()
     grad_ctx = torch.matmul(grad_u, w_o.weight.float())  # [r, T_q, heads * d]
     grad_ctx = grad_ctx.view(bsz, t_q, heads, -1).transpose(1, 2)
     grad_rows = torch.matmul(grad_ctx, v.float().transpose(-1, -2))  # [r, heads, T_q, W]
@@ -242,7 +299,8 @@ def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, ma
     * the target layer starts from its attention output ``alpha (A V) W_O^T + b_O`` (``A V`` and its
       projection computed once; the layer is linear in ``A`` up to there), so no Q/K/V or output
       projection is repeated per alpha, and the probabilities' gradient is formed once from the
-      quadrature-weighted gradient of that output;
+      quadrature-weighted gradient of that output; the feed-forward's first linear map, fed an
+      affine function of alpha up to the norm's scale, also runs once (:class:`_ScaledTargetLayer`);
     * the last layer is computed for the [CLS] query only (the classifier reads nothing else); for
       the last layer itself, only the [CLS] row of the attribution can be non-zero, and is;
     * rows and alpha steps share a forward of at most ``max_tokens`` tokens; parameters get no gradients.
