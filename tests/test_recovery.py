@@ -309,6 +309,14 @@ def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatc
     got = evaluate_model(model, prep.dev_loader, prep.ctx.accelerator, ["accuracy"])
     assert got[metric] == pytest.approx(exp["metrics"][metric]) and got["loss"] == pytest.approx(exp["metrics"]["loss"], rel=1e-4)
     assert "## Recovery" in (out / "report.md").read_text()
+    # a re-run that takes its stages from the cache, with the global RNG elsewhere, recovers the same weights
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    again = run(recipe.model_copy(update={"run_name": "again"}))
+    assert "importance: attattr" in again["reused"]
+    assert [(m["heads_kept"], m["metric_after"]) for m in again["recovery"]["models"]] == [(m["heads_kept"], m["metric_after"]) for m in rec["models"]]
+    first, second = model.state_dict(), load_pruned(tmp_path / "exported" / "again" / "model").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_recovery_report_renders(tmp_path):
