@@ -5,6 +5,7 @@
     python benchmarks/attattr_speed.py --fast-quadrature gauss --fast-steps 4 --json out.json
     python benchmarks/attattr_speed.py --unsorted                      # API on unsorted input vs the plain procedure
     python benchmarks/attattr_speed.py --unsorted --model bert-base
+    python benchmarks/attattr_speed.py --unsorted --count-flops --examples 8   # also the FLOPs each path does
 
 ``--unsorted``: a plain implementation of the paper's procedure (one example at a time, unpadded,
 left Riemann m = 20, target = predicted class; written here, not with the package's attribution code)
@@ -53,6 +54,7 @@ def _args():
     p.add_argument("--unsorted", action="store_true", help="plain procedure vs the API on unsorted, padded batches")
     p.add_argument("--model-dir", default=None, help="--unsorted: a local (fine-tuned) model directory instead of the embedded one")
     p.add_argument("--repeat", type=int, default=1, help="--unsorted: time each path this many times, keep the fastest")
+    p.add_argument("--count-flops", action="store_true", help="--unsorted: also count each path's matrix-product FLOPs (forward and backward; one more untimed run of each)")
     return p.parse_args()
 
 
@@ -79,6 +81,31 @@ def _plain_attattr(model, one, steps=20):
         (grad,) = torch.autograd.grad(probs[:, target[0]].sum(), scaled)
         out.append(a[0] * grad.sum(0) / steps)
     return torch.stack(out)
+
+
+def _flop_counter():
+    """A dispatch mode that adds up the FLOPs of matrix products (mm, addmm, bmm, baddbmm: 2 per
+    multiply-add) and of fused attention (QK^T and PV; twice that for its backward) that run inside it."""
+    import math
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FlopCount(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("mm", "bmm"):
+                self.total += 2 * math.prod(args[0].shape) * args[1].shape[-1]
+            elif name in ("addmm", "baddbmm"):
+                self.total += 2 * math.prod(args[1].shape) * args[2].shape[-1]
+            elif "scaled_dot_product" in name:
+                q, k = args[0], args[1]
+                self.total += 4 * math.prod(q.shape[:-1]) * k.shape[-2] * q.shape[-1] * (2 if "backward" in name else 1)
+            return out
+
+    return FlopCount()
 
 
 def _unsorted(args, console) -> int:
@@ -157,6 +184,14 @@ def _unsorted(args, console) -> int:
             worst = max(worst, float((got[b][row][..., :n, :n] - ref[i]).abs().max()))
         return worst
 
+    flops = None
+    if args.count_flops:
+        flops = {}
+        for name, fn in (("plain", plain), ("api_unsorted", lambda: api(unsorted_batches)), ("api_sorted", lambda: api(sorted_batches))):
+            with _flop_counter() as counter:
+                fn()
+            flops[name] = counter.total
+
     scale = max(float(r.abs().max()) for r in ref)
     figures = {
         "model": label,
@@ -173,6 +208,7 @@ def _unsorted(args, console) -> int:
         "max_abs_diff_unsorted": max_diff(got_unsorted, file_order),
         "max_abs_diff_sorted": max_diff(got_sorted, by_length),
         "max_abs_attribution": scale,
+        "gflop": None if flops is None else {k: v / 1e9 for k, v in flops.items()},
     }
     from rich.table import Table
 
@@ -187,6 +223,10 @@ def _unsorted(args, console) -> int:
     table.add_row("speed-up, sorted input", f"{t_plain / t_sorted:.2f}x", "")
     table.add_row("max |plain - API| (unsorted / sorted)", f"{figures['max_abs_diff_unsorted']:.1e} / {figures['max_abs_diff_sorted']:.1e}", "~1e-6")
     table.add_row("max |attribution|", f"{scale:.3g}", "")
+    if flops is not None:
+        g = {k: v / 1e9 for k, v in flops.items()}
+        table.add_row("GFLOP plain / API unsorted / API sorted", f"{g['plain']:.0f} / {g['api_unsorted']:.0f} / {g['api_sorted']:.0f}", "")
+        table.add_row("FLOP ratio plain / API (unsorted / sorted)", f"{g['plain'] / g['api_unsorted']:.2f}x / {g['plain'] / g['api_sorted']:.2f}x", "")
     console.print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
