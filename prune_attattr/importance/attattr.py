@@ -201,6 +201,7 @@ class _ScaledTargetLayer:
 
         self.block = block
         bias = output_projection(block).bias
+        self.bias = bias
         self.residual = residual
         self.base = residual if bias is None else residual + bias  # [r, T_q, hidden]
         self.proj = proj
@@ -226,8 +227,9 @@ class _ScaledTargetLayer:
         delta = torch.zeros_like(self.base, dtype=torch.float32, requires_grad=True)
         if self.split is None:
             attn_out = (av * self.proj + wv * delta).reshape(k * r, t_q, -1)
-            bias = self.base - self.residual
-            return delta, layer_from_attention_output(self.block, attn_out + rep(bias, k), rep(self.residual, k))
+            if self.bias is not None:
+                attn_out = attn_out + self.bias
+            return delta, layer_from_attention_output(self.block, attn_out, rep(self.residual, k))
         norm, first = self.split.norm, self.split.first
         summed = (self.base + av * self.proj + wv * delta).reshape(k * r, t_q, -1)
         normed = norm(summed)
