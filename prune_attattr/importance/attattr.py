@@ -194,9 +194,11 @@ class _ScaledTargetLayer:
 
     an identity in ``δ``: ``H_0`` and ``H_1`` are computed once per group, the ``δ`` term once per
     chunk (and its backward is one product with ``W_1``, not one per step). Exact up to float rounding.
+    This part runs in float32 under any ``mixed_precision``: ``H_0``, ``H_1`` are products of the
+    unnormalised centred sums, which float16 could overflow. Dropout is left out: the model is in eval mode.
     """
 
-    def __init__(self, block: nn.Module, residual: torch.Tensor, proj: torch.Tensor, precision: str):
+    def __init__(self, block: nn.Module, residual: torch.Tensor, proj: torch.Tensor):
         from ..models import feed_forward_split, output_projection
 
         self.block = block
@@ -208,13 +210,16 @@ class _ScaledTargetLayer:
         self.split = feed_forward_split(block)
         if self.split is not None:
             norm, first = self.split.norm, self.split.first
-            gamma = norm.weight if norm.weight is not None else torch.ones_like(proj[0, 0])
-            self.gamma = gamma
-            with torch.no_grad(), autocast(proj.device, precision):
-                self.h0 = nn.functional.linear(gamma * (self.base - self.base.mean(-1, keepdim=True)), first.weight)
-                self.h1 = nn.functional.linear(gamma * (proj - proj.mean(-1, keepdim=True)), first.weight)
-                beta = norm.bias if norm.bias is not None else torch.zeros_like(gamma)
-                self.c1 = nn.functional.linear(beta, first.weight, first.bias)
+            gamma = (norm.weight if norm.weight is not None else torch.ones_like(proj[0, 0])).float()
+            self.gamma, self.w1 = gamma, first.weight.float()
+            # float32 whatever the run's precision: H_0 and H_1 are products of the *unnormalised* centred
+            # sums (sigma times a usual pre-activation), which could overflow in float16; once per group.
+            with torch.no_grad():
+                base = self.base.float()
+                self.h0 = nn.functional.linear(gamma * (base - base.mean(-1, keepdim=True)), self.w1)
+                self.h1 = nn.functional.linear(gamma * (proj - proj.mean(-1, keepdim=True)), self.w1)
+                beta = norm.bias.float() if norm.bias is not None else torch.zeros_like(gamma)
+                self.c1 = nn.functional.linear(beta, self.w1, None if first.bias is None else first.bias.float())
 
     def __call__(self, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(δ leaf [r, T_q, hidden], layer output [k * r, T_q, hidden])`` for steps ``a [k]``, weights ``w [k]``
@@ -234,8 +239,9 @@ class _ScaledTargetLayer:
         summed = (self.base + av * self.proj + wv * delta).reshape(k * r, t_q, -1)
         normed = norm(summed)
         scale = torch.rsqrt(summed.float().var(-1, unbiased=False, keepdim=True) + norm.eps)  # 1 / σ_k
-        d_in = nn.functional.linear(self.gamma * (delta - delta.mean(-1, keepdim=True)), first.weight)
-        pre = (self.h0 + av * self.h1 + wv * d_in).reshape(k * r, t_q, -1) * scale + self.c1
+        with torch.autocast(delta.device.type, enabled=False):  # float32, as H_0 and H_1
+            d_in = nn.functional.linear(self.gamma * (delta - delta.mean(-1, keepdim=True)), self.w1)
+            pre = (self.h0 + av * self.h1 + wv * d_in).reshape(k * r, t_q, -1) * scale + self.c1
         return delta, self.split.rest(pre.to(normed.dtype), normed, summed)
 
 
@@ -265,7 +271,7 @@ def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: i
         context = torch.matmul(rows32.to(v.dtype), v)  # [r, heads, T_q, d]
         flat = context.transpose(1, 2).reshape(bsz, t_q, -1)
         proj = nn.functional.linear(flat, w_o.weight).float()  # (A V) W_O^T, [r, T_q, hidden]
-    scaled = _ScaledTargetLayer(block, hidden_in[:, :1] if layer == last else hidden_in, proj, precision)
+    scaled = _ScaledTargetLayer(block, hidden_in[:, :1] if layer == last else hidden_in, proj)
     grad_u = torch.zeros_like(proj)
     per = max(1, max_tokens // (bsz * width))
     if max_rows is not None:
@@ -302,7 +308,8 @@ def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, ma
       projection computed once; the layer is linear in ``A`` up to there), so no Q/K/V or output
       projection is repeated per alpha, and the probabilities' gradient is formed once from the
       quadrature-weighted gradient of that output; the feed-forward's first linear map, fed an
-      affine function of alpha up to the norm's scale, also runs once (:class:`_ScaledTargetLayer`);
+      affine function of alpha up to the norm's scale, runs once per group on the alpha-free parts
+      and once per chunk of alpha steps on the backward's leaf (:class:`_ScaledTargetLayer`);
     * the last layer is computed for the [CLS] query only (the classifier reads nothing else); for
       the last layer itself, only the [CLS] row of the attribution can be non-zero, and is;
     * rows and alpha steps share a forward of at most ``max_tokens`` tokens; parameters get no gradients.
