@@ -85,7 +85,10 @@ def _plain_attattr(model, one, steps=20):
 
 def _flop_counter():
     """A dispatch mode that adds up the FLOPs of matrix products (mm, addmm, bmm, baddbmm: 2 per
-    multiply-add) and of fused attention (QK^T and PV; twice that for its backward) that run inside it."""
+    multiply-add) and of fused attention (QK^T and PV; twice that for its backward) that run inside it.
+
+    Not ``torch.utils.flop_counter.FlopCounterMode``: its module tracker fails on the plain procedure's
+    ``autograd.grad`` to a leaf tensor ("A leaf node was passed to _will_engine_execute_node", torch 2.13)."""
     import math
 
     from torch.utils._python_dispatch import TorchDispatchMode

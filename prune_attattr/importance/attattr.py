@@ -202,10 +202,9 @@ class _ScaledTargetLayer:
         from ..models import feed_forward_split, output_projection
 
         self.block = block
-        bias = output_projection(block).bias
-        self.bias = bias
+        self.bias = output_projection(block).bias  # b_O
         self.residual = residual
-        self.base = residual if bias is None else residual + bias  # [r, T_q, hidden]
+        self.base = residual if self.bias is None else residual + self.bias  # [r, T_q, hidden]
         self.proj = proj
         self.split = feed_forward_split(block)
         if self.split is not None:
@@ -235,7 +234,7 @@ class _ScaledTargetLayer:
             if self.bias is not None:
                 attn_out = attn_out + self.bias
             return delta, layer_from_attention_output(self.block, attn_out, rep(self.residual, k))
-        norm, first = self.split.norm, self.split.first
+        norm = self.split.norm
         summed = (self.base + av * self.proj + wv * delta).reshape(k * r, t_q, -1)
         normed = norm(summed)
         scale = torch.rsqrt(summed.float().var(-1, unbiased=False, keepdim=True) + norm.eps)  # 1 / σ_k
