@@ -16,7 +16,8 @@ from .attention import AttentionControl, register_attention
 from .config import Recipe, RecipeError, load_recipe
 from .checkpoint import load_pruned, save_pruned
 from .importance.attattr import attention_attribution
-from .models import kept_heads, load_classifier
+from .loading import load_classifier
+from .models import kept_heads
 from .pipeline import run
 from .pruning import heads_to_prune, prune_heads, pruning_curve
 from .recovery import recover

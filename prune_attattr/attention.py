@@ -19,12 +19,18 @@ and then, for the layers the control names, in this order:
 3. ``head_mask``: multiplies each head's ``A`` by a scalar (Michel et al. 2019, Eq. 2, the head mask xi_h);
 4. ``record``: stores the resulting probabilities in ``control.recorded[layer]``.
 
-Families whose layers do not forward extra keyword arguments (DeBERTa-v2, see
-:mod:`prune_attattr.disentangled`) read the control from :func:`active_control`, set for the
-duration of a forward by ``with controlled(control): ...``.
+The same control carries the feed-forward neurons' instructions (``neuron_mask``, ``neuron_replace``,
+``neuron_record``): a forward pre-hook on each layer's second feed-forward map (installed by
+:func:`prune_attattr.models.prepare`) applies them to the intermediate activations.
 
-Head indices in a control refer to the *current* heads of a layer, i.e. positions after pruning;
-:func:`prune_attattr.models.kept_heads` maps them to the original head numbers.
+Every forward here passes the control through a context variable: ``with controlled(control): ...``
+makes it the :func:`active_control` that the attention function (when no ``attention_control``
+keyword is given), DeBERTa's attention hook (:mod:`prune_attattr.disentangled`) and the neuron hooks
+read, so no family needs its layers to forward extra keyword arguments.
+
+Head and neuron indices in a control refer to the *current* units of a layer, i.e. positions after
+pruning; :func:`prune_attattr.models.kept_heads` / :func:`prune_attattr.models.kept_neurons` map them
+to the original numbers.
 """
 
 from __future__ import annotations
@@ -54,6 +60,14 @@ class AttentionControl:
         record: layers whose final probabilities are stored in :attr:`recorded`; ``True`` means all.
         recorded: filled during the forward: layer -> ``[batch, heads, seq, seq]`` probabilities
             (still attached to the autograd graph).
+        neuron_mask: layer -> multiplicative mask of the intermediate activations, ``[neurons]``,
+            ``[batch, neurons]`` or ``[batch, seq, neurons]`` (the neuron mask of Kwon et al. 2022;
+            any real value is allowed for gradients).
+        neuron_replace: layer -> activations ``[batch, seq, neurons]`` used in place of the computed
+            ones (integrated gradients scale them by alpha; Dai et al. 2022, Eq. 3). Applied before
+            ``neuron_mask``.
+        neuron_record: layers whose final activations are stored in :attr:`neuron_recorded`.
+        neuron_recorded: filled during the forward: layer -> ``[batch, seq, neurons]``.
     """
 
     replace: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -61,6 +75,10 @@ class AttentionControl:
     head_mask: dict[int, torch.Tensor] = field(default_factory=dict)
     record: set[int] | bool = False
     recorded: dict[int, torch.Tensor] = field(default_factory=dict)
+    neuron_mask: dict[int, torch.Tensor] = field(default_factory=dict)
+    neuron_replace: dict[int, torch.Tensor] = field(default_factory=dict)
+    neuron_record: set[int] | bool = False
+    neuron_recorded: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def touches(self, layer: int) -> bool:
         """Whether this control needs the explicit (eager) computation in ``layer``."""
@@ -74,6 +92,34 @@ class AttentionControl:
 
     def wants_record(self, layer: int) -> bool:
         return self.record is True or (isinstance(self.record, set) and layer in self.record)
+
+    def apply_neurons(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
+        """The intermediate activations ``acts [batch, seq, neurons]`` of ``layer`` after this control's
+        ``neuron_replace``, ``neuron_mask`` and ``neuron_record`` (unchanged when none names the layer)."""
+        if layer in self.neuron_replace:
+            replacement = self.neuron_replace[layer]
+            if replacement.shape != acts.shape:
+                raise ValueError(
+                    f"replacement activations for layer {layer} have shape {tuple(replacement.shape)}, expected {tuple(acts.shape)}"
+                )
+            acts = replacement
+        if layer in self.neuron_mask:
+            m = self.neuron_mask[layer]
+            if m.dim() == 2:
+                m = m[:, None, :]
+            acts = acts * m.to(acts.dtype)
+        if self.neuron_record is True or (isinstance(self.neuron_record, set) and layer in self.neuron_record):
+            self.neuron_recorded[layer] = acts
+        return acts
+
+    def touches_neurons(self, layer: int) -> bool:
+        """Whether this control changes or records the feed-forward neurons of ``layer``."""
+        return (
+            layer in self.neuron_replace
+            or layer in self.neuron_mask
+            or self.neuron_record is True
+            or (isinstance(self.neuron_record, set) and layer in self.neuron_record)
+        )
 
 
 _ACTIVE: ContextVar[AttentionControl | None] = ContextVar("prune_attattr_attention_control", default=None)
@@ -113,7 +159,7 @@ def attention_forward(
         attention_mask: additive float mask broadcastable to ``[batch, heads, seq, seq]`` or None.
         scaling: multiplier of ``Q K^T``; default ``head_dim ** -0.5``.
         dropout: attention-probability dropout (only used in training mode).
-        attention_control: see the module docstring.
+        attention_control: see the module docstring; default: :func:`active_control`.
 
     Returns:
         ``(output [batch, seq, heads, head_dim], probabilities [batch, heads, seq, seq] or None)``.
@@ -121,7 +167,7 @@ def attention_forward(
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     layer = getattr(module, "layer_idx", None)
-    ctrl = attention_control
+    ctrl = attention_control if attention_control is not None else _ACTIVE.get()
     if ctrl is None or layer is None or not ctrl.touches(layer):
         if attention_mask is not None and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)

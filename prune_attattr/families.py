@@ -1,4 +1,4 @@
-"""The one table of encoder families: where each architecture keeps what head pruning touches.
+"""The one table of encoder families: where each architecture keeps what head and neuron pruning touch.
 
 In the spirit of TextPruner's structure table (Yang et al. 2022): every other module (running layer
 by layer, attention control, AttAttr's fast path, structural pruning, checkpoint and ONNX export)
@@ -11,7 +11,11 @@ Paths are dotted attribute paths:
   (it carries ``layer_idx`` and the head bookkeeping);
 * ``query``/``key``/``value`` or ``fused_qkv``: projections inside the attention module (a fused
   projection holds Q, K and V as three consecutive ``[heads * head_dim]`` row blocks, ModernBERT's ``Wqkv``);
-* ``output``: from a layer to the attention output projection (whose input columns are the heads).
+* ``output``: from a layer to the attention output projection (whose input columns are the heads);
+* ``ffn_in``/``ffn_out``: from a layer to the feed-forward block's first linear map (its output rows are
+  the intermediate neurons; with ``glu``, two row blocks ``[x; gate]`` of ``intermediate_size`` each,
+  ModernBERT's ``Wi``) and second linear map (its input columns are the neurons). The input of
+  ``ffn_out`` is the intermediate activations: neuron masks and attributions act there.
 
 What cannot be a path (embeddings, finishing a layer from its attention context, the classification
 head) is a small function per family. Every family but DeBERTa-v2 is on the transformers 5 attention
@@ -28,10 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["PRUNED_HEADS_KEY", "ModelError", "Family", "FeedForwardSplit", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
+__all__ = ["PRUNED_HEADS_KEY", "PRUNED_NEURONS_KEY", "ModelError", "Family", "FeedForwardSplit", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
 
 
 PRUNED_HEADS_KEY = "prune_attattr_pruned_heads"  # config key: {layer: [original head indices]} removed
+PRUNED_NEURONS_KEY = "prune_attattr_pruned_neurons"  # config key: {layer: [original neuron indices]} removed
 
 
 class ModelError(ValueError):
@@ -91,29 +96,38 @@ def _modernbert_finish(layer, attn_out, residual):
 
 @dataclass(frozen=True)
 class FeedForwardSplit:
-    """An encoder layer after its attention output, split at the feed-forward block's first linear map.
+    """An encoder layer after its attention output, split at the feed-forward block's first linear map
+    and at its intermediate activations (the feed-forward neurons).
 
     With ``s = residual + attn_out`` (what the layer's ``finish`` starts from):
-    ``finish(layer, attn_out, residual) == rest(first(norm(s)), norm(s), s)``.
+    ``finish(layer, attn_out, residual) == second(activate(first(norm(s))), norm(s), s)``.
 
     Attributes:
         norm: the ``nn.LayerNorm`` in front of the feed-forward block (post-norm: the attention
             block's norm; pre-norm: the feed-forward's own).
         first: the feed-forward's first ``nn.Linear`` (hidden -> intermediate, GLU: 2 x intermediate).
-        rest: ``(pre [N, T, F], normed [N, T, hidden], summed [N, T, hidden]) -> [N, T, hidden]``: the
-            layer from ``first``'s output on (activation, second linear map, residual, norm).
+        activate: ``pre [N, T, F] -> acts [N, T, I]``: the activation function (GLU: ``act(x) * gate``
+            of the two halves), i.e. the intermediate activations whose channels are the neurons.
+        second: ``(acts [N, T, I], normed [N, T, hidden], summed [N, T, hidden]) -> [N, T, hidden]``: the
+            layer from the intermediate activations on (second linear map, residual, norm).
     """
 
     norm: nn.Module
     first: nn.Module
-    rest: Callable
+    activate: Callable
+    second: Callable
+
+    def rest(self, pre: torch.Tensor, normed: torch.Tensor, summed: torch.Tensor) -> torch.Tensor:
+        """The layer from ``first``'s output ``pre [N, T, F]`` on: ``second(activate(pre), normed, summed)``."""
+        return self.second(self.activate(pre), normed, summed)
 
 
 def _bert_split(layer):
     return FeedForwardSplit(
         layer.attention.output.LayerNorm,
         layer.intermediate.dense,
-        lambda pre, normed, summed: layer.output(layer.intermediate.intermediate_act_fn(pre), normed),
+        layer.intermediate.intermediate_act_fn,
+        lambda acts, normed, summed: layer.output(acts, normed),
     )
 
 
@@ -122,18 +136,19 @@ def _distilbert_split(layer):
     return FeedForwardSplit(
         layer.sa_layer_norm,
         ffn.lin1,
-        lambda pre, normed, summed: layer.output_layer_norm(ffn.dropout(ffn.lin2(ffn.activation(pre))) + normed),
+        ffn.activation,
+        lambda acts, normed, summed: layer.output_layer_norm(ffn.dropout(ffn.lin2(acts)) + normed),
     )
 
 
 def _modernbert_split(layer):
     mlp = layer.mlp
 
-    def rest(pre, normed, summed):
+    def activate(pre):
         x, gate = pre.chunk(2, dim=-1)
-        return summed + mlp.Wo(mlp.drop(mlp.act(x) * gate))
+        return mlp.act(x) * gate
 
-    return FeedForwardSplit(layer.mlp_norm, mlp.Wi, rest)
+    return FeedForwardSplit(layer.mlp_norm, mlp.Wi, activate, lambda acts, normed, summed: summed + mlp.Wo(mlp.drop(acts)))
 
 
 def _modernbert_attn_input(layer, hidden):
@@ -163,12 +178,12 @@ def _modernbert_rotate(layer, query, key, q_positions, k_positions):
     return q, k
 
 
-def _modernbert_call(model, base, layer, hidden, masks, control):
+def _modernbert_call(model, base, layer, hidden, masks):
     """One ModernBERT layer: its mask (global or sliding window) and rotary embedding of its type."""
     positions = torch.arange(hidden.shape[1], device=hidden.device).view(1, -1)
     pe = base.rotary_emb(hidden, positions, layer.attention_type)
     mask = None if masks is None else masks[:, _mask_channel(layer) : _mask_channel(layer) + 1]
-    return layer(hidden, attention_mask=mask, position_embeddings=pe, attention_control=control)
+    return layer(hidden, attention_mask=mask, position_embeddings=pe)
 
 
 def _mask_channel(layer) -> int:
@@ -184,13 +199,10 @@ def _deberta_embed(model, base, batch):
     return base.embeddings(**kwargs)
 
 
-def _deberta_call(model, base, layer, hidden, mask, control):
-    """One DeBERTa layer with the encoder's relative embeddings; the control reaches the hook through a context."""
-    from .attention import controlled
-
+def _deberta_call(model, base, layer, hidden, mask):
+    """One DeBERTa layer with the encoder's relative embeddings."""
     keep = None if mask is None else mask == 0  # embed()'s additive mask -> DeBERTa's 0/1 form
-    with controlled(control):
-        return layer(hidden, keep, rel_embeddings=base.encoder.get_rel_embedding())
+    return layer(hidden, keep, rel_embeddings=base.encoder.get_rel_embedding())
 
 
 def _deberta_bias(model, base, layer, query, key, q_positions, k_positions):
@@ -274,8 +286,8 @@ class Family:
         sliding_window: layers may use local (sliding-window) attention: the mask is packed as
             ``[B, 2, T, T]`` (global, sliding) and each layer takes its channel (:func:`mask_channel`).
         rotate: ``(layer, q, k, q_positions, k_positions) -> (q, k)``: rotary position embedding, if any.
-        call_layer: ``(model, base, layer, hidden, mask, control) -> hidden``: one whole layer, when the
-            layer needs more than ``layer(hidden, mask, attention_control=control)``.
+        call_layer: ``(model, base, layer, hidden, mask) -> hidden``: one whole layer, when the layer
+            needs more than ``layer(hidden, mask)`` (the control is the context's, :func:`prune_attattr.attention.controlled`).
         extra_proj: further projections inside the attention module whose output rows are per head
             (DeBERTa's ``pos_key_proj``/``pos_query_proj``), pruned like Q/K/V where the model has them.
         score_bias: ``(model, base, layer, q, k, q_positions, k_positions) -> [N, heads, T_q, T_k]`` additive
@@ -286,6 +298,10 @@ class Family:
         ffn_split: ``(layer) -> FeedForwardSplit``: the layer after its attention output split at the
             feed-forward's first linear map (AttAttr's fast path applies that map once per group of
             rows instead of once per alpha step), or None.
+        ffn_in, ffn_out, glu: where the feed-forward neurons live (see the module docstring).
+        intermediate_key: the config attribute holding the number of neurons per layer.
+        additive_mask: the layers take the eager additive mask ``[B, 1, T, T]`` built from the padding
+            mask (a family whose attention does not go through the transformers mask interface).
         check: raises :class:`UnsupportedModel` for a configuration of the family that is not handled.
     """
 
@@ -313,6 +329,11 @@ class Family:
     scaling: Callable | None = None
     install: Callable | None = None
     ffn_split: Callable | None = None
+    ffn_in: str | None = None
+    ffn_out: str | None = None
+    glu: bool = False
+    intermediate_key: str = "intermediate_size"
+    additive_mask: bool = False
     check: Callable | None = field(default=None, compare=False)
 
     @property
@@ -326,7 +347,8 @@ class Family:
         return ("input_ids", "attention_mask", "token_type_ids") if self.token_type_ids else ("input_ids", "attention_mask")
 
 
-_BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish, ffn_split=_bert_split)
+_BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish, ffn_split=_bert_split,
+                  ffn_in="intermediate.dense", ffn_out="output.dense")
 
 FAMILIES: dict[str, Family] = {}
 for _fam in (
@@ -363,6 +385,9 @@ for _fam in (
         finish=_distilbert_finish,
         head=_distilbert_head,
         ffn_split=_distilbert_split,
+        ffn_in="ffn.lin1",
+        ffn_out="ffn.lin2",
+        intermediate_key="hidden_dim",
         token_type_ids=False,
     ),
     Family(
@@ -376,6 +401,9 @@ for _fam in (
         finish=_modernbert_finish,
         head=_modernbert_head,
         ffn_split=_modernbert_split,
+        ffn_in="mlp.Wi",
+        ffn_out="mlp.Wo",
+        glu=True,
         attn_input=_modernbert_attn_input,
         token_type_ids=False,
         sliding_window=True,
@@ -397,10 +425,13 @@ for _fam in (
         finish=_bert_finish,
         head=_deberta_head,
         ffn_split=_bert_split,
+        ffn_in="intermediate.dense",
+        ffn_out="output.dense",
         call_layer=_deberta_call,
         score_bias=_deberta_bias,
         scaling=_deberta_scaling,
         install=_deberta_install,
+        additive_mask=True,
         check=_deberta_check,
     ),
 ):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .cache import cache_root, entry_complete, model_fingerprint, write_complete_marker
-from .models import load_classifier
+from .loading import load_classifier
 from .progress import progress
 from .tasks import Encoded, make_dataloader
 

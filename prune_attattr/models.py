@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import AttentionControl, controlled, register_attention
-from .families import FAMILIES, PRUNED_HEADS_KEY, Family, ModelError, UnsupportedModel, family_for_type, family_of, get_path, layers_path
+from .attention import AttentionControl, active_control, controlled, register_attention
+from .families import FAMILIES, PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, Family, ModelError, UnsupportedModel, family_for_type, family_of, get_path, layers_path
 
 EMBEDDED = "embedded"
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -27,7 +27,7 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "ModelError",
     "resolve_model_path",
-    "load_classifier",
+    "load_unpruned",
     "check_labels",
     "align_labels",
     "prepare",
@@ -38,6 +38,10 @@ __all__ = [
     "self_attention",
     "kept_heads",
     "num_heads_total",
+    "feed_forward",
+    "kept_neurons",
+    "intermediate_size",
+    "num_neurons_total",
     "embed",
     "classify",
     "run_layers",
@@ -114,18 +118,18 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     return path
 
 
-def load_classifier(
+def load_unpruned(
     path: str | Path,
     *,
     num_labels: int | None = None,
     id2label: dict[int, str] | None = None,
     require_trained_head: bool = False,
 ) -> nn.Module:
-    """Load a sequence classifier from a local directory, in eval mode, with our attention function.
+    """Load an unpruned sequence classifier from a local directory, in eval mode, with our attention function.
 
-    A directory written by :func:`prune_attattr.checkpoint.save_pruned` (its config records the pruned
-    heads) is rebuilt with those heads removed before its weights are loaded. float16/bfloat16
-    checkpoints are loaded and cast to float32 (attribution and masking math runs in float32).
+    float16/bfloat16 checkpoints are loaded and cast to float32 (attribution and masking math runs in
+    float32). A folder written by :func:`prune_attattr.checkpoint.save_pruned` is refused here: load it
+    with :func:`prune_attattr.loading.load_classifier` (which dispatches) or ``load_pruned``.
 
     Args:
         path: local model directory (see :func:`resolve_model_path` for hub ids).
@@ -135,7 +139,8 @@ def load_classifier(
             as newly initialised (random).
 
     Raises:
-        ModelError: unsupported ``model_type``, or an untrained head with ``require_trained_head``.
+        ModelError: unsupported ``model_type``, an untrained head with ``require_trained_head``, or a pruned
+            checkpoint.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -148,10 +153,8 @@ def load_classifier(
             fam.check(config)
     except UnsupportedModel as exc:
         raise ModelError(str(exc)) from None
-    if getattr(config, PRUNED_HEADS_KEY, None):
-        from .checkpoint import load_pruned
-
-        return load_pruned(path)
+    if getattr(config, PRUNED_HEADS_KEY, None) or getattr(config, PRUNED_NEURONS_KEY, None):
+        raise ModelError(f"{path} is a pruned checkpoint; load it with prune_attattr.load_classifier or load_pruned")
     kwargs: dict[str, Any] = {}
     if id2label is not None:
         kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
@@ -279,7 +282,32 @@ def prepare(model: nn.Module) -> Family:
             attn.layer_idx = i
         if fam.install is not None:
             fam.install(attn)
+        if fam.ffn_out is not None:
+            _install_neuron_hook(get_path(layer, fam.ffn_out), i)
     return fam
+
+
+class _NeuronHook:
+    """Forward pre-hook of a layer's second feed-forward map: applies the active control's neuron
+    instructions (:meth:`prune_attattr.attention.AttentionControl.apply_neurons`) to its input, the
+    intermediate activations ``[batch, seq, neurons]``. A module-level class, so models pickle and deep-copy."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+
+    def __call__(self, module: nn.Module, args: tuple):
+        ctrl = active_control()
+        if ctrl is None or not ctrl.touches_neurons(self.layer):
+            return None
+        return (ctrl.apply_neurons(self.layer, args[0]), *args[1:])
+
+
+def _install_neuron_hook(module: nn.Module, layer: int) -> None:
+    """Put a :class:`_NeuronHook` on ``module`` once (a module replaced by pruning gets its own)."""
+    if getattr(module, "_prune_attattr_neuron_hook", None) == layer:
+        return
+    module.register_forward_pre_hook(_NeuronHook(layer))
+    module._prune_attattr_neuron_hook = layer
 
 
 def _family_of_layer(layer: nn.Module) -> Family:
@@ -325,6 +353,41 @@ def kept_heads(model: nn.Module) -> list[list[int]]:
     return out
 
 
+def feed_forward(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
+    """``(first, second)``: the feed-forward block's two linear maps of ``layer`` (the family's
+    ``ffn_in``/``ffn_out``; the rows of ``first`` and the columns of ``second`` are the neurons).
+
+    Raises:
+        ModelError: the family does not say where its feed-forward block is.
+    """
+    fam = prepare(model)
+    if fam.ffn_in is None or fam.ffn_out is None:
+        raise ModelError(f"the {fam.name} family entry has no feed-forward paths (ffn_in/ffn_out); neurons cannot be used")
+    block = encoder_layers(model)[layer]
+    return get_path(block, fam.ffn_in), get_path(block, fam.ffn_out)
+
+
+def kept_neurons(model: nn.Module) -> list[list[int]]:
+    """Original indices of the feed-forward neurons still present in each layer, ``[num_layers][kept]``
+    (recorded as ``neuron_ids`` on the second feed-forward map by neuron pruning)."""
+    n = intermediate_size(model)
+    out = []
+    for i in range(len(encoder_layers(model))):
+        ids = getattr(feed_forward(model, i)[1], "neuron_ids", None)
+        out.append(list(ids) if ids is not None else list(range(n)))
+    return out
+
+
+def intermediate_size(model: nn.Module) -> int:
+    """Feed-forward neurons per layer of the unpruned architecture (the family's ``intermediate_key``)."""
+    return int(getattr(model.config, prepare(model).intermediate_key))
+
+
+def num_neurons_total(model: nn.Module) -> int:
+    """Number of feed-forward neurons the unpruned architecture has (``layers * neurons per layer``)."""
+    return model.config.num_hidden_layers * intermediate_size(model)
+
+
 def num_heads_total(model: nn.Module) -> int:
     """Number of heads the unpruned architecture has (``layers * heads``)."""
     return model.config.num_hidden_layers * model.config.num_attention_heads
@@ -354,7 +417,7 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tenso
     fam = prepare(model)
     base = base_model(model)
     hidden = fam.embed(model, base, batch)
-    if fam.install is not None:  # a hooked family: no attention-interface mask function; the eager additive mask
+    if fam.additive_mask:  # no attention-interface mask function: the eager additive mask
         am = batch.get("attention_mask")
         if am is None or bool(am.all()):
             return hidden, None
@@ -381,16 +444,15 @@ def run_layers(
     stop: int | None = None,
     control: AttentionControl | None = None,
 ) -> torch.Tensor:
-    """Run encoder layers ``start .. stop-1`` on ``hidden [B, T, hidden]`` (mask from :func:`embed`)."""
+    """Run encoder layers ``start .. stop-1`` on ``hidden [B, T, hidden]`` (mask from :func:`embed`), with
+    ``control`` (heads and neurons) in effect."""
     fam = prepare(model)
     layers = encoder_layers(model)
     base = base_model(model)
-    for layer in layers[start:stop]:
-        if fam.call_layer is not None:
-            out = fam.call_layer(model, base, layer, hidden, mask, control)
-        else:
-            out = layer(hidden, mask, attention_control=control)
-        hidden = out[0] if isinstance(out, tuple) else out
+    with controlled(control):
+        for layer in layers[start:stop]:
+            out = fam.call_layer(model, base, layer, hidden, mask) if fam.call_layer is not None else layer(hidden, mask)
+            hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
 
@@ -486,6 +548,11 @@ def cls_layer(
     384); exact up to float rounding. A layer the control touches takes the projected path, whose
     probabilities the control reads and changes.
     """
+    with controlled(control):  # the layer's neurons read the control from the context
+        return _cls_layer(model, layer, hidden, mask, control)
+
+
+def _cls_layer(model, layer, hidden, mask, control):
     from .attention import attention_forward
     from .families import mask_channel
 
@@ -577,14 +644,11 @@ def repeat_batch(x: torch.Tensor | None, copies: int) -> torch.Tensor | None:
 
 
 def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], control: AttentionControl | None = None):
-    """Logits ``[B, labels]`` of the whole model for ``batch`` (the standard forward)."""
+    """Logits ``[B, labels]`` of the whole model for ``batch`` (the standard forward), with ``control``
+    (heads and neurons, :class:`~prune_attattr.attention.AttentionControl`) in effect."""
     inputs = {k: batch[k] for k in input_names(model) if k in batch}
-    if control is None:
+    with controlled(control):
         return model(**inputs).logits
-    if prepare(model).install is not None:  # a hooked family: its layers take no extra keyword argument
-        with controlled(control):
-            return model(**inputs).logits
-    return model(**inputs, attention_control=control).logits
 
 
 @contextlib.contextmanager

@@ -43,7 +43,8 @@ from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerp
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
-from .models import align_labels, check_labels, forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
+from .loading import load_classifier
+from .models import align_labels, check_labels, forward_logits, input_names, num_heads_total, resolve_model_path
 from .progress import console
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
 from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader

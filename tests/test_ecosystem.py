@@ -12,7 +12,8 @@ import torch
 from conftest import FAMILY_KINDS, save_tiny_classifier, tiny_batch, tiny_tokenizer
 
 from prune_attattr.cli import main
-from prune_attattr.models import ModelError, align_labels, check_labels, forward_logits, load_classifier, resolve_model_path
+from prune_attattr.loading import load_classifier
+from prune_attattr.models import ModelError, align_labels, check_labels, forward_logits, resolve_model_path
 
 ROOT = Path(__file__).parent.parent
 TINY_RUN = (
