@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .registry import METHODS
+from .registry import DEFAULT_METHODS, METHODS, NEURON_METHODS
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides"]
 
@@ -126,15 +126,17 @@ class AttAttrSettings(_Strict):
 
 
 class ImportanceSettings(_Strict):
-    """Head importance: which methods, on which examples.
+    """Head (and, with ``pruning.units`` neurons or both, feed-forward neuron) importance: which methods,
+    on which examples. ``attattr``, ``taylor``, ``fisher`` and ``random`` score both kinds of unit;
+    ``accuracy_difference`` and ``attention`` score heads only.
 
     Sample YAML::
 
-        importance: {methods: [attattr, taylor, accuracy_difference, attention, random],
+        importance: {methods: [attattr, taylor, fisher, accuracy_difference, attention, random],
                      examples: 200, source: train_heldout, max_tokens_per_forward: 16384}
     """
 
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     examples: int = Field(200, ge=1)
     source: Literal["train_heldout", "dev"] = "train_heldout"
     batch_size: int = Field(16, ge=1)
@@ -156,16 +158,34 @@ class ImportanceSettings(_Strict):
         return v
 
 
+def _default_flops_steps() -> list[float]:
+    return [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.35, 0.3, 0.2]
+
+
 class PruningSettings(_Strict):
     """Incremental pruning and its evaluation.
 
+    ``units: heads`` removes ``step_fraction`` of the heads per step (the paper's curves, accuracy vs
+    heads kept). ``units: neurons`` or ``both`` prunes feed-forward neurons (and heads) under a FLOPs
+    budget: one curve step per entry of ``flops_steps`` (fraction of the unpruned FLOPs per token),
+    the units kept chosen by :mod:`prune_attattr.search` from each method's scores. ``compare_units``
+    adds curves of other unit kinds to the same report (e.g. heads only beside both).
+
     Sample YAML::
 
-        pruning: {step_fraction: 0.1, rescore: false}
+        pruning: {step_fraction: 0.1, rescore: false}                        # heads, as in the paper
+        pruning: {units: both, flops_steps: [1.0, 0.7, 0.5, 0.35], compare_units: [heads]}
     """
 
     enabled: bool = Field(True, description="false: score heads (and run analyses) without pruning curves or export")
-    step_fraction: float = Field(0.1, gt=0, le=1, description="fraction of all heads removed per step")
+    units: Literal["heads", "neurons", "both"] = Field("heads", description="what the curves and the export prune")
+    compare_units: list[Literal["heads", "neurons", "both"]] = Field(
+        default_factory=list, description="further unit kinds whose curves (on the FLOPs axis) go into the same report"
+    )
+    flops_steps: list[float] = Field(
+        default_factory=_default_flops_steps, description="units neurons/both: FLOPs fractions kept, one curve step each"
+    )
+    step_fraction: float = Field(0.1, gt=0, le=1, description="units heads: fraction of all heads removed per step")
     rescore: bool = Field(False, description="re-score the remaining heads after every step")
     eval_batch_size: int = Field(64, ge=1)
     schedule: Literal["one_shot", "iterative"] = Field(
@@ -173,6 +193,24 @@ class PruningSettings(_Strict):
         description="iterative: for export.method, prune a step, recover briefly (recovery.iterative_examples), "
         "re-score with the same method, prune again",
     )
+
+    @field_validator("flops_steps")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"FLOPs fractions must be in (0, 1], got {bad}")
+        steps = sorted(set(v) | {1.0}, reverse=True)  # the unpruned model is the first step
+        if len(steps) < 2:
+            raise ValueError("give at least one FLOPs fraction below 1.0")
+        return steps
+
+    @field_validator("compare_units")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a unit kind is listed twice")
+        return v
 
 
 class ExportSettings(_Strict):
@@ -207,6 +245,12 @@ class RecoverySettings(_Strict):
     """
 
     enabled: bool = False
+    mode: Literal["distill", "least_squares"] = Field(
+        "distill",
+        description="distill: training with distillation (minutes); least_squares: Kwon et al. 2022's layer-wise "
+        "rescaling of the kept heads and neurons, no training (seconds)",
+    )
+    least_squares_examples: int = Field(256, ge=1, description="least_squares: training examples whose tokens fit the scales")
     train_examples: int | None = Field(10000, ge=1, description="training examples (importance examples held out); null = all")
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -416,6 +460,11 @@ class Recipe(_Strict):
                 f"importance.max_tokens_per_forward {self.importance.max_tokens_per_forward} is below model.max_length "
                 f"{self.model.max_length}: one sequence must fit one forward; raise it to at least {self.model.max_length}"
             )
+        if self.pruning.enabled and self.pruning.units != "heads" and self.export.enabled and self.export.method not in NEURON_METHODS:
+            raise ValueError(
+                f"export.method '{self.export.method}' scores heads only; with pruning.units '{self.pruning.units}' "
+                f"choose one of {list(NEURON_METHODS)}"
+            )
         if self.export.enabled and not self.pruning.enabled:
             raise ValueError("export.enabled needs pruning.enabled (the exported model is a step of a pruning curve)")
         a = self.analyses
@@ -438,6 +487,10 @@ class Recipe(_Strict):
                 raise ValueError("pruning.schedule 'iterative' recovers between steps: set recovery.enabled true")
             if p.rescore:
                 raise ValueError("pruning.schedule 'iterative' already re-scores after every step; set pruning.rescore false")
+            if rec.mode != "distill":
+                raise ValueError("pruning.schedule 'iterative' recovers by training: set recovery.mode distill")
+            if p.units != "heads":
+                raise ValueError("pruning.schedule 'iterative' prunes heads step by step: set pruning.units heads")
 
 
 def _format_error(exc: ValidationError, source: str) -> str:
