@@ -186,10 +186,10 @@ def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch, case
 
 
 def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys, monkeypatch):
-    import prune_attattr.pipeline as pipeline
+    from prune_attattr.stages import context, importance
 
     text = _recipe(tiny_dir, tmp_path)
-    real_eval = pipeline.evaluate_model
+    real_eval = context.evaluate_model
     calls = {"n": 0}
 
     def eval_then_interrupt(*args, **kwargs):  # baseline + 2 steps of the first curve, then Ctrl-C
@@ -198,20 +198,20 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", eval_then_interrupt)
+    monkeypatch.setattr(context, "evaluate_model", eval_then_interrupt)
     code, out, err = _cli(tmp_path, capsys, text)
     assert code == 130 and "interrupted" in err
     assert not list((tmp_path / "out").iterdir())
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no torn cache entry
 
     # the re-run must not compute any importance again
-    monkeypatch.setattr(pipeline, "evaluate_model", real_eval)
+    monkeypatch.setattr(context, "evaluate_model", real_eval)
 
     def no_importance(*args, **kwargs):
         raise AssertionError("importance recomputed")
 
-    real_importance = pipeline._importance
-    monkeypatch.setattr(pipeline, "_importance", no_importance)
+    real_importance = importance.compute_importance
+    monkeypatch.setattr(importance, "compute_importance", no_importance)
     code, out, err = _cli(tmp_path, capsys, text)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
@@ -227,7 +227,7 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
     assert "reused from cache: evaluate unpruned, importance: attattr" in out
 
     # --no-cache recomputes everything and gives the same figures
-    monkeypatch.setattr(pipeline, "_importance", real_importance)
+    monkeypatch.setattr(importance, "compute_importance", real_importance)
     code, out, err = _cli(tmp_path, capsys, text, "--force", "--no-cache")
     assert code == 0, err
     fresh = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
