@@ -135,11 +135,40 @@ def test_config_does_not_import_importance():
     assert importance.METHODS is registry.METHODS
 
 
-def test_analyses_do_not_import_pipeline():
-    for f in (ROOT / "prune_attattr" / "analyses").glob("*.py"):
-        assert "pipeline" not in {
-            (n.module or "").split(".")[-1] for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)
-        }, f
+def _imported(f: Path) -> list:
+    return [n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)]
+
+
+def test_no_layer_below_the_stages_imports_them():
+    """ARCHITECTURE.md: the stages (and pipeline.py, which composes them) sit above every layer but the face."""
+    pkg = ROOT / "prune_attattr"
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg)
+        if rel.parts[0] == "stages" or str(rel) in ("pipeline.py", "cli.py", "__init__.py"):
+            continue
+        mods = {n.module or "" for n in _imported(f)}
+        assert not any("stages" in m.split(".") or m.split(".")[-1] == "pipeline" for m in mods), (rel, mods)
+
+
+def test_stage_modules_import_one_way():
+    """No import circle inside prune_attattr/stages (a stage module imports only those before it)."""
+    folder = ROOT / "prune_attattr" / "stages"
+    edges = {
+        f.stem: {n.module.split(".")[0] for n in _imported(f) if n.level == 1 and n.module}
+        for f in folder.glob("*.py")
+    }
+    assert len(edges) >= 8 and edges["recovery"] >= {"context", "export"}
+    done: set = set()
+
+    def visit(name, path):
+        assert name not in path, " -> ".join([*path, name])
+        if name not in done:
+            for dep in edges.get(name, ()):
+                visit(dep, [*path, name])
+            done.add(name)
+
+    for name in edges:
+        visit(name, [])
 
 
 # --- 6. input hardening -----------------------------------------------------------------------------
