@@ -275,7 +275,7 @@ def main() -> int:
     from prune_attattr import load_recipe, pruning_curve
     from prune_attattr.evaluation import evaluate_model
     from prune_attattr.importance import attattr_importance
-    from prune_attattr.pipeline import prepare
+    from prune_attattr.stages.prepare import prepare
     from prune_attattr.tasks import make_dataloader
 
     console = Console()

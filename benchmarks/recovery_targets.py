@@ -20,7 +20,9 @@ import time
 from prune_attattr.config import load_recipe
 from prune_attattr.evaluation import evaluate_model
 from prune_attattr.models import num_heads_total
-from prune_attattr.pipeline import _importance, prepare, recovery_train_set
+from prune_attattr.stages.importance import compute_importance
+from prune_attattr.stages.prepare import prepare
+from prune_attattr.stages.recovery import recovery_train_set
 from prune_attattr.pruning import heads_to_prune, prune_heads
 from prune_attattr.recovery import recover, recovery_dataloader, teacher_logits
 
@@ -40,7 +42,7 @@ def main() -> None:
     metric = ctx.metrics[0]
     baseline = evaluate_model(model, prep.dev_loader, acc, ctx.metrics)
     t = time.perf_counter()
-    scores = _importance("attattr", model, prep.imp_loader, ctx)
+    scores = compute_importance("attattr", model, prep.imp_loader, ctx)
     ctx.print(f"AttAttr importance: {time.perf_counter() - t:.0f} s")
     train = recovery_train_set(recipe, ctx.tokenizer)
     loader = recovery_dataloader(train, batch_size=recipe.recovery.batch_size, pad_id=ctx.pad_id, seed=recipe.seed)

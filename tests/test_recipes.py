@@ -104,8 +104,9 @@ def test_load_recipe_raises_recipe_error(tmp_path):
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the middle of a run: exit 130, no run folder, no temporary folder."""
-    import prune_attattr.pipeline as pipeline
     from conftest import save_tiny_classifier
+
+    from prune_attattr.stages import curves
 
     save_tiny_classifier("bert", tmp_path / "m", id2label={0: "neg", 1: "pos"})  # a trained head is required without fine-tuning
     (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"a film {i},{'pos' if i % 2 else 'neg'}\n" for i in range(8)))
@@ -119,7 +120,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "pruning_curve", interrupted)
+    monkeypatch.setattr(curves, "pruning_curve", interrupted)
     code, err = _run_cli(tmp_path, monkeypatch, capsys, text)
     assert code == 130 and "interrupted" in err, err
     assert list((tmp_path / "exported").iterdir()) == []
@@ -138,8 +139,8 @@ def test_pipeline_passes_the_token_bound_to_every_method(monkeypatch):
     from types import SimpleNamespace
 
     from prune_attattr import importance as imp
-    from prune_attattr import pipeline
     from prune_attattr.config import load_recipe
+    from prune_attattr.stages.importance import compute_importance
 
     seen = {}
 
@@ -155,5 +156,5 @@ def test_pipeline_passes_the_token_bound_to_every_method(monkeypatch):
     recipe = load_recipe(None, ["importance.max_tokens_per_forward=4096"])
     ctx = SimpleNamespace(recipe=recipe, accelerator=None, metrics=["accuracy"])
     for method in ("attattr", "taylor", "accuracy_difference", "attention"):
-        pipeline._importance(method, None, None, ctx)
+        compute_importance(method, None, None, ctx)
     assert seen == {n: 4096 for n in seen} and len(seen) == 4

@@ -283,7 +283,7 @@ def _keyword_recipe(tmp_path: Path, n_train: int, n_dev: int, epochs: int, overr
 @pytest.mark.slow
 def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatch):
     from prune_attattr import load_pruned, run
-    from prune_attattr.pipeline import prepare
+    from prune_attattr.stages.prepare import prepare
 
     monkeypatch.chdir(tmp_path)
     recipe = _keyword_recipe(tmp_path, 480, 96, 4, [
@@ -348,7 +348,9 @@ def test_iterative_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
     """pruning.schedule iterative: step k+1 is step k's briefly recovered model with more heads pruned
     (re-scored on it), so evaluating that model again gives the curve's figure; pruned sets are nested
     and the recovered weights really differ from the one-shot curve's."""
-    from prune_attattr.pipeline import RecoveryState, iterative_curve, prepare
+    from prune_attattr.stages.curves import iterative_curve
+    from prune_attattr.stages.prepare import prepare
+    from prune_attattr.stages.recovery import RecoveryState
     from prune_attattr.pruning import pruning_curve
 
     monkeypatch.chdir(tmp_path)
@@ -358,9 +360,9 @@ def test_iterative_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
         "recovery.learning_rate=3e-3", "export.onnx=false", "export.method=taylor",
     ])
     prep = prepare(recipe, quiet=True)
-    from prune_attattr.pipeline import _importance
+    from prune_attattr.stages.importance import compute_importance
 
-    scores = _importance("taylor", prep.model, prep.imp_loader, prep.ctx)
+    scores = compute_importance("taylor", prep.model, prep.imp_loader, prep.ctx)
     state = RecoveryState()
     curve = iterative_curve(prep, scores, "taylor", state)
     acc = prep.ctx.accelerator

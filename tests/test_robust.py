@@ -135,11 +135,40 @@ def test_config_does_not_import_importance():
     assert importance.METHODS is registry.METHODS
 
 
-def test_analyses_do_not_import_pipeline():
-    for f in (ROOT / "prune_attattr" / "analyses").glob("*.py"):
-        assert "pipeline" not in {
-            (n.module or "").split(".")[-1] for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)
-        }, f
+def _imported(f: Path) -> list:
+    return [n for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.ImportFrom)]
+
+
+def test_no_layer_below_the_stages_imports_them():
+    """ARCHITECTURE.md: the stages (and pipeline.py, which composes them) sit above every layer but the face."""
+    pkg = ROOT / "prune_attattr"
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg)
+        if rel.parts[0] == "stages" or str(rel) in ("pipeline.py", "cli.py", "__init__.py"):
+            continue
+        mods = {n.module or "" for n in _imported(f)}
+        assert not any("stages" in m.split(".") or m.split(".")[-1] == "pipeline" for m in mods), (rel, mods)
+
+
+def test_stage_modules_import_one_way():
+    """No import circle inside prune_attattr/stages (a stage module imports only those before it)."""
+    folder = ROOT / "prune_attattr" / "stages"
+    edges = {
+        f.stem: {n.module.split(".")[0] for n in _imported(f) if n.level == 1 and n.module}
+        for f in folder.glob("*.py")
+    }
+    assert len(edges) >= 8 and edges["recovery"] >= {"context", "export"}
+    done: set = set()
+
+    def visit(name, path):
+        assert name not in path, " -> ".join([*path, name])
+        if name not in done:
+            for dep in edges.get(name, ()):
+                visit(dep, [*path, name])
+            done.add(name)
+
+    for name in edges:
+        visit(name, [])
 
 
 # --- 6. input hardening -----------------------------------------------------------------------------
@@ -186,10 +215,10 @@ def test_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys, monkeypatch, case
 
 
 def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys, monkeypatch):
-    import prune_attattr.pipeline as pipeline
+    from prune_attattr.stages import context, importance
 
     text = _recipe(tiny_dir, tmp_path)
-    real_eval = pipeline.evaluate_model
+    real_eval = context.evaluate_model
     calls = {"n": 0}
 
     def eval_then_interrupt(*args, **kwargs):  # baseline + 2 steps of the first curve, then Ctrl-C
@@ -198,20 +227,20 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "evaluate_model", eval_then_interrupt)
+    monkeypatch.setattr(context, "evaluate_model", eval_then_interrupt)
     code, out, err = _cli(tmp_path, capsys, text)
     assert code == 130 and "interrupted" in err
     assert not list((tmp_path / "out").iterdir())
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no torn cache entry
 
     # the re-run must not compute any importance again
-    monkeypatch.setattr(pipeline, "evaluate_model", real_eval)
+    monkeypatch.setattr(context, "evaluate_model", real_eval)
 
     def no_importance(*args, **kwargs):
         raise AssertionError("importance recomputed")
 
-    real_importance = pipeline._importance
-    monkeypatch.setattr(pipeline, "_importance", no_importance)
+    real_importance = importance.compute_importance
+    monkeypatch.setattr(importance, "compute_importance", no_importance)
     code, out, err = _cli(tmp_path, capsys, text)
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())
@@ -227,7 +256,7 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
     assert "reused from cache: evaluate unpruned, importance: attattr" in out
 
     # --no-cache recomputes everything and gives the same figures
-    monkeypatch.setattr(pipeline, "_importance", real_importance)
+    monkeypatch.setattr(importance, "compute_importance", real_importance)
     code, out, err = _cli(tmp_path, capsys, text, "--force", "--no-cache")
     assert code == 0, err
     fresh = json.loads((tmp_path / "out" / "tiny" / "report.json").read_text())

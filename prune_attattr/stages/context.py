@@ -1,0 +1,120 @@
+"""What every stage shares: the run context, the prepared model, and the cached dev evaluation.
+
+:class:`RunContext` holds the accelerator, tokenizer, labels, timings and the stage cache
+(:class:`prune_attattr.cache.StageCache`); :class:`Prepared` is the fine-tuned model with its data.
+Every stage-cache key starts from ``Prepared.model_key`` and :data:`STAGE_CACHE_VERSION`; an evaluated
+pruning step is keyed on the dev examples' tokens, the evaluation settings and the pruned heads
+(:func:`cached_evaluate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..cache import StageCache, digest, encoded_digest
+from ..config import Recipe
+from ..evaluation import evaluate_model
+from ..progress import console
+from ..pruning import pruned_heads_of
+from ..tasks import Encoded, make_dataloader
+
+__all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "cached_evaluate"]
+
+STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores or metrics
+
+
+@dataclass
+class RunContext:
+    """What the stages share: the accelerator, tokenizer, labels, timings, the stage cache and what it reused."""
+
+    recipe: Recipe
+    accelerator: object
+    tokenizer: object
+    pad_id: int
+    metrics: list[str]
+    labels: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+    quiet: bool = False
+    cache: StageCache | None = None
+    reused: list[str] = field(default_factory=list)
+
+    def print(self, *args, **kwargs):
+        if self.accelerator.is_main_process and not self.quiet:
+            console().print(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        self.print(f"[bold cyan]== {name}[/]")
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.print(f"   {name}: {self.timings[name]:.1f} s")
+
+    def loader(self, data: Encoded, batch_size: int):
+        return self.accelerator.prepare(make_dataloader(data, batch_size=batch_size, pad_id=self.pad_id))
+
+    def agree(self, value):
+        """The main process's ``value``, on every process (so all take the same branch)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def cached(self, key: str):
+        """The stage cache's value for ``key`` as the main process reads it (None: compute)."""
+        value = self.cache.get(key) if self.cache is not None and self.accelerator.is_main_process else None
+        return self.agree(value)
+
+    def store(self, key: str, value) -> None:
+        if self.cache is not None and self.accelerator.is_main_process:
+            self.cache.put(key, value)
+
+
+@dataclass
+class Prepared:
+    """A fine-tuned model with its data, ready for importance, pruning or analyses.
+
+    ``model_key``: digest of the model's bytes and labels (and seed when the classifier head was
+    initialised at random), the root of every stage-cache key."""
+
+    ctx: RunContext
+    model: torch.nn.Module
+    model_path: Path
+    dev_enc: Encoded
+    imp_enc: Encoded
+    dev_loader: object
+    imp_loader: object
+    finetune_info: dict | None
+    model_key: str = ""
+    unpruned_latency: dict | None = None  # ONNX Runtime latency of ``model`` on the latency feeds, measured once
+
+
+def pruned_key(model) -> list:
+    """The pruned heads of ``model`` as a stage-cache key part: ``[[layer, [heads, ...]], ...]``, sorted."""
+    return sorted((int(k), sorted(v)) for k, v in pruned_heads_of(model).items() if v)
+
+
+def _eval_key(prep: Prepared, model) -> str:
+    r = prep.ctx.recipe
+    settings = {"batch_size": r.pruning.eval_batch_size, "metrics": prep.ctx.metrics}
+    return digest("evaluate", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.dev_enc), settings, pruned_key(model))
+
+
+def cached_evaluate(prep: Prepared, model, *, description: str | None = None) -> tuple[dict, bool]:
+    """``(metrics, reused)`` of ``model`` on the dev loader, from the stage cache when possible."""
+    ctx = prep.ctx
+    key = _eval_key(prep, model)
+    hit = ctx.cached(key)
+    if hit is not None:
+        return hit, True
+    metrics = evaluate_model(model, prep.dev_loader, ctx.accelerator, ctx.metrics, description=description)
+    ctx.store(key, metrics)
+    return metrics, False

@@ -1,0 +1,193 @@
+"""Stage "export": choose the pruned model to export, save it, check the reload and ONNX, time it.
+
+:func:`choose_export` picks the curve step (``export.heads``, or the most pruned step within
+``export.max_drop``) on every process; :func:`save_export` writes the checkpoint and ONNX on the main
+process, checks both against PyTorch and measures the ONNX Runtime latency pruned vs unpruned
+(:func:`measure_latency`, shared with the recovery stage's cost table). :func:`export_stage` runs both.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import RunError
+from ..models import forward_logits, input_names, num_heads_total
+from ..pruning import count_parameters, heads_to_prune, prune_heads
+from ..tasks import Encoded, make_dataloader
+from .context import Prepared, cached_evaluate
+
+__all__ = [
+    "ExportChoice",
+    "example_batches",
+    "exact_heads_target",
+    "within_budget",
+    "choose_export",
+    "latency_feeds",
+    "measure_latency",
+    "save_export",
+    "export_stage",
+]
+
+
+@dataclass
+class ExportChoice:
+    """The pruned model chosen for export, with its metrics (the same on every process)."""
+
+    method: str
+    rule: str
+    model: torch.nn.Module
+    pruned_heads: dict[int, list[int]]
+    metrics: dict
+
+    def info(self, total: int) -> dict:
+        return {
+            "method": self.method,
+            "rule": self.rule,
+            "heads_kept": total - sum(len(v) for v in self.pruned_heads.values()),
+            "pruned_heads": {str(k): v for k, v in self.pruned_heads.items()},
+            "metrics": self.metrics,
+            "parameters": count_parameters(self.model),
+        }
+
+
+def example_batches(loader_data: Encoded, pad_id: int, batch_size: int, count: int) -> list[dict]:
+    """Up to ``count`` padded batches of ``batch_size`` examples spread over the range of lengths (the
+    dataloader sorts by length): inputs of the reload and ONNX checks."""
+    dl = make_dataloader(loader_data, batch_size=batch_size, pad_id=pad_id)
+    # sorted by length: take batches spread over the range of lengths
+    batches = list(dl)
+    pick = np.linspace(0, len(batches) - 1, num=min(count, len(batches))).round().astype(int)
+    return [batches[i] for i in sorted(set(pick.tolist()))]
+
+
+def exact_heads_target(prep: Prepared, scores: torch.Tensor, curve: list) -> tuple[int | None, dict[int, list[int]]]:
+    """``export.heads``: the index of the curve step keeping that many heads and its pruned heads, or, when
+    no step does, ``(None, the lowest-scored heads)``.
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count (check_run refuses it first; kept for callers
+            that skip it).
+    """
+    heads, total = prep.ctx.recipe.export.heads, num_heads_total(prep.model)
+    if heads > total:
+        raise RunError(f"export.heads {heads} exceeds the model's {total} heads")
+    index = next((i for i, s in enumerate(curve) if s.heads_kept == heads), None)
+    pruned = curve[index].pruned_heads if index is not None else heads_to_prune(scores, total - heads)
+    return index, {int(k): v for k, v in pruned.items()}
+
+
+def within_budget(curve: list, metric: str, floor: float) -> list[int]:
+    """Indices of the curve steps whose ``metric`` is at least ``floor`` (1e-12 tolerance), least pruned first."""
+    return [i for i, s in enumerate(curve) if s.metrics[metric] >= floor - 1e-12]
+
+
+def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict) -> ExportChoice:
+    """Pick the step to export (``export.heads`` or the most pruned within ``export.max_drop``), prune a
+    copy of the model, and evaluate it when it is not a curve step. Runs on every process (evaluation
+    gathers across processes)."""
+    ctx = prep.ctx
+    e = ctx.recipe.export
+    metric = ctx.metrics[0]
+    curve = curves[e.method]
+    if e.heads is not None:
+        index, pruned = exact_heads_target(prep, scores[e.method], curve)
+        step = curve[index] if index is not None else None
+        rule = f"exactly {e.heads} heads kept"
+    else:
+        within = within_budget(curve, metric, baseline[metric] - e.max_drop)
+        step = curve[max(within)] if within else curve[0]  # heads kept fall along the curve: the last is the most pruned
+        pruned = {int(k): v for k, v in step.pruned_heads.items()}
+        rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
+    pruned_model = prune_heads(copy.deepcopy(prep.model), pruned)
+    metrics = step.metrics if step is not None else cached_evaluate(prep, pruned_model)[0]
+    return ExportChoice(e.method, rule, pruned_model, pruned, metrics)
+
+
+def latency_feeds(prep: Prepared) -> dict:
+    """The ONNX latency inputs: the first ``export.latency_batch`` dev examples, padded, as the model's inputs."""
+    n, dev_enc = prep.ctx.recipe.export.latency_batch, prep.dev_enc
+    batch = next(iter(make_dataloader(dev_enc.subset(range(min(len(dev_enc), n))), batch_size=n, pad_id=prep.ctx.pad_id)))
+    return {k: batch[k].numpy() for k in input_names(prep.model) if k in batch}
+
+
+def measure_latency(prep: Prepared, model, feeds: dict, example: dict | None = None, path: Path | None = None) -> dict:
+    """ONNX Runtime latency (:func:`prune_attattr.export.onnx_latency`, ms) of ``model`` on ``feeds``: of the
+    graph at ``path``, or of ``model`` exported (with ``example``) to a temporary file. The one latency
+    measurement of the export and recovery stages, so their figures compare; the unpruned model's is
+    measured once per run (``prep.unpruned_latency``)."""
+    from ..export import export_onnx, onnx_latency
+
+    if model is prep.model and path is None and prep.unpruned_latency is not None:
+        return prep.unpruned_latency
+    r = prep.ctx.recipe
+    threads = r.runtime.threads or torch.get_num_threads()
+    if path is not None:
+        return onnx_latency(path, feeds, r.export.latency_repeats, threads)
+    with tempfile.TemporaryDirectory() as d:
+        path = export_onnx(copy.deepcopy(model).cpu(), Path(d) / "m.onnx", example, opset=r.export.onnx_opset)
+        latency = onnx_latency(path, feeds, r.export.latency_repeats, threads)
+    if model is prep.model:
+        prep.unpruned_latency = latency
+    return latency
+
+
+def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
+    """Save the chosen model under ``out`` (main process): checkpoint, reload check, ONNX with its
+    PyTorch check, latency pruned vs unpruned. Returns the report's ``export`` entry.
+
+    Raises:
+        RunError: ONNX logits differ from PyTorch by more than 1e-4.
+    """
+    from ..checkpoint import load_pruned, save_pruned
+    from ..export import check_onnx, export_onnx_folder
+
+    ctx = prep.ctx
+    e = ctx.recipe.export
+    info = choice.info(num_heads_total(prep.model))
+    model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer)
+    info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
+    checks = example_batches(prep.dev_enc, ctx.pad_id, 8, 4)
+    reloaded = load_pruned(model_dir)
+    cpu_model = copy.deepcopy(choice.model).cpu()
+    with torch.no_grad():
+        info["reload_max_abs_diff"] = max(
+            float((forward_logits(reloaded, b) - forward_logits(cpu_model, b)).abs().max()) for b in checks
+        )
+    if e.onnx:
+        onnx_path = export_onnx_folder(cpu_model, out / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
+        diff = check_onnx(cpu_model, onnx_path, checks)
+        if diff > 1e-4:
+            raise RunError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-4); the export was not written")
+        # latency: pruned vs unpruned on the same inputs
+        feeds = latency_feeds(prep)
+        lat_u = measure_latency(prep, prep.model, feeds, checks[-1])
+        lat_p = measure_latency(prep, cpu_model, feeds, path=onnx_path)
+        info["onnx"] = {
+            "file": "onnx/model.onnx",
+            "mb": onnx_path.stat().st_size / 2**20,
+            "max_abs_diff": diff,
+            "latency_batch": int(feeds["input_ids"].shape[0]),
+            "latency_seq": int(feeds["input_ids"].shape[1]),
+            "latency_pruned": lat_p,
+            "latency_unpruned": lat_u,
+            "speedup": lat_u["median_ms"] / lat_p["median_ms"],
+        }
+    return info
+
+
+def export_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None, choice: ExportChoice | None = None) -> dict | None:
+    """:func:`choose_export` (unless ``choice`` is given: the recovered model of
+    :func:`prune_attattr.stages.recovery.recovery_stage`) on every process, then :func:`save_export` on
+    the main process (``tmp``)."""
+    ctx = prep.ctx
+    with ctx.stage("export"):
+        choice = choice if choice is not None else choose_export(prep, scores, curves, baseline)
+        if ctx.accelerator.is_main_process:
+            return save_export(prep, choice, tmp)
+        return choice.info(num_heads_total(prep.model))

@@ -1,0 +1,194 @@
+"""Stage "recovery" (issue 10): recover export candidates, search the budget after recovery, cost each one.
+
+:func:`recovery_train_set` tokenises the recovery examples (disjoint from the importance examples);
+:class:`RecoveryState` holds them and the teacher's logits for the whole run (the iterative curve of
+:mod:`prune_attattr.stages.curves` shares it); :func:`recovery_stage` recovers the candidates
+(:func:`prune_attattr.recovery.recover`), picks the one ``export`` asks for, judged after recovery
+(:func:`prune_attattr.budget.search_budget`), and costs every tried model (:func:`model_cost`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..budget import search_budget
+from ..config import Recipe
+from ..cost import flops_per_token
+from ..errors import RunError
+from ..evaluation import evaluate_model
+from ..models import num_heads_total
+from ..pruning import count_parameters, prune_heads, pruned_heads_of
+from ..recovery import recover, recovery_dataloader, teacher_logits
+from ..tasks import Encoded, encode, load_task_data
+from .context import Prepared
+from .export import ExportChoice, exact_heads_target, example_batches, latency_feeds, measure_latency, within_budget
+from .prepare import split_train
+
+__all__ = ["recovery_train_set", "RecoveryState", "model_cost", "Recovered", "recovery_stage"]
+
+
+def recovery_train_set(recipe: Recipe, tokenizer) -> Encoded:
+    """Tokenised recovery examples: the first ``recovery.train_examples`` of the shuffled training pool,
+    disjoint from the importance examples (the split of :func:`prune_attattr.stages.prepare.split_train`).
+
+    Raises:
+        RunError: no training split.
+    """
+    train, dev, _, _ = load_task_data(recipe)
+    if train is None:
+        raise RunError("recovery.enabled needs a training split")
+    as_finetune = recipe.finetune.model_copy(update={"enabled": True, "train_examples": recipe.recovery.train_examples})
+    _, examples = split_train(recipe.model_copy(update={"finetune": as_finetune}), train, dev)
+    return encode(tokenizer, examples, recipe.model.max_length)
+
+
+@dataclass
+class RecoveryState:
+    """What the recovery stages share within one run: the recovery data and the teacher's logits (computed
+    once), and for ``pruning.schedule: iterative`` the briefly recovered model of each curve step."""
+
+    train: Encoded | None = None
+    loader: object = None
+    table: torch.Tensor | None = None
+    teacher_seconds: float | None = None
+    snapshots: dict[int, torch.nn.Module] = field(default_factory=dict)
+
+    def ensure(self, prep: Prepared) -> None:
+        """Build the recovery dataloader and (distillation on) the teacher logits the first time."""
+        if self.loader is not None:
+            return
+        r, ctx = prep.ctx.recipe, prep.ctx
+        self.train = recovery_train_set(r, ctx.tokenizer)
+        self.loader = recovery_dataloader(self.train, batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed)
+        start = time.perf_counter()
+        self.table = teacher_logits(prep.model, self.loader, ctx.accelerator) if r.recovery.alpha > 0 else None
+        self.teacher_seconds = round(time.perf_counter() - start, 1)
+
+
+def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
+    """Heads kept, parameters, analytic FLOPs per token at the latency inputs' length
+    (:func:`prune_attattr.cost.flops_per_token`), and (``export.onnx``, main process) the ONNX Runtime
+    median latency in ms of one call on ``feeds``."""
+    e = prep.ctx.recipe.export
+    seq = int(feeds["input_ids"].shape[1])
+    flops = flops_per_token(model, seq)
+    out = {
+        "heads_kept": num_heads_total(model) - sum(len(v) for v in pruned_heads_of(model).values()),
+        "parameters": count_parameters(model),
+        "seq_len": seq,
+        "attention_flops_per_token": flops["attention"],
+        "total_flops_per_token": flops["total"],
+        "latency_ms": None,
+    }
+    if e.onnx and prep.ctx.accelerator.is_main_process:
+        out["latency_ms"] = measure_latency(prep, model, feeds, example)["median_ms"]
+    return out
+
+
+@dataclass
+class Recovered:
+    """The export candidate chosen after recovery, and the report's ``recovery`` entry."""
+
+    choice: ExportChoice
+    report: dict
+
+
+def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, state: RecoveryState) -> Recovered:
+    """Stage "recovery": recover export candidates and pick the one ``export`` asks for, judged after recovery.
+
+    ``export.heads``: recovers that step. ``export.max_drop``: :func:`prune_attattr.budget.search_budget`
+    over ``curves[export.method]``, starting above the most pruned step within budget before recovery;
+    each candidate tried is a copy of the pruned model (of its briefly recovered model with
+    ``pruning.schedule: iterative``) trained by :func:`prune_attattr.recovery.recover`. Runs on every
+    process. The unpruned model and every tried one get their cost (:func:`model_cost`) and metric
+    before/after recovery in the report.
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count.
+    """
+    from accelerate.utils import set_seed
+
+    ctx, r = prep.ctx, prep.ctx.recipe
+    e, rec = r.export, r.recovery
+    metric = ctx.metrics[0]
+    model = prep.model
+    total = num_heads_total(model)
+    curve = curves[e.method]
+    models: dict[int, torch.nn.Module] = {}
+    infos: dict[int, dict] = {}
+    with ctx.stage("recovery"):
+        state.ensure(prep)
+
+        def start_model(i: int, pruned: dict, on_curve: bool) -> torch.nn.Module:
+            snaps = state.snapshots if on_curve else {}  # a step off the curve starts from the unpruned model
+            if i in snaps:
+                return copy.deepcopy(snaps[i])
+            base = snaps[i - 1] if i - 1 in snaps else model
+            return prune_heads(copy.deepcopy(base), {int(k): v for k, v in pruned.items()})
+
+        def recovered_metric(i: int, pruned: dict | None = None) -> float:
+            on_curve = pruned is None
+            pruned = curve[i].pruned_heads if on_curve else pruned
+            student = start_model(i, pruned, on_curve)
+            before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+            set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
+            info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
+            after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+            models[i], infos[i] = student, {"before": before, "after": after, "recovery": info}
+            ctx.print(
+                f"   recovered {e.method} with {total - sum(len(v) for v in pruned.values())} heads: {metric} "
+                f"{100 * before[metric]:.2f}% -> {100 * after[metric]:.2f}% ({info['seconds'] / 60:.1f} min)"
+            )
+            return after[metric]
+
+        kept = [s.heads_kept for s in curve]
+        if e.heads is not None:
+            index, pruned = exact_heads_target(prep, scores[e.method], curve)
+            if index is not None:
+                recovered_metric(index)
+            else:
+                index = len(curve)  # a step off the curve
+                recovered_metric(index, pruned)
+            tried = [index]
+            rule = f"exactly {e.heads} heads kept, after recovery"
+        else:
+            floor = baseline[metric] - e.max_drop
+            within = within_budget(curve, metric, floor)
+            choice = search_budget(kept, floor, recovered_metric, known_within=max(within) if within else 0)
+            index, tried = choice.index, choice.tried
+            rule = (
+                f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points after recovery "
+                f"(binary search over the curve; heads kept of the steps tried: {[kept[i] for i in tried]})"
+            )
+            if infos[index]["after"][metric] < floor - 1e-12:
+                rule += "; no recovered step met the budget, the least pruned one tried is exported"
+        feeds = latency_feeds(prep)
+        example = example_batches(prep.dev_enc, ctx.pad_id, 8, 1)[0]
+        rows = [{"label": "unpruned", "metric_before": baseline[metric], "metric_after": None, **model_cost(prep, model, feeds, example)}]
+        for i in tried:
+            cost = model_cost(prep, models[i], feeds, example)
+            rows.append({
+                "label": f"{cost['heads_kept']} heads",
+                "exported": i == index,
+                "metric_before": infos[i]["before"][metric],
+                "metric_after": infos[i]["after"][metric],
+                "recovery_minutes": round(infos[i]["recovery"]["seconds"] / 60, 2),
+                **cost,
+            })
+    chosen = models[index]
+    report = {
+        "settings": rec.model_dump(mode="json"),
+        "schedule": r.pruning.schedule,
+        "train_examples": len(state.train),
+        "teacher_seconds": state.teacher_seconds,
+        "latency_batch": int(feeds["input_ids"].shape[0]),
+        "tried_heads": [row["heads_kept"] for row in rows[1:]],
+        "exported_heads": rows[1 + tried.index(index)]["heads_kept"],
+        "models": rows,
+    }
+    pruned = pruned_heads_of(chosen)
+    return Recovered(ExportChoice(e.method, rule, chosen, pruned, infos[index]["after"]), report)
