@@ -40,11 +40,13 @@ import yaml
 
 from . import importance as imp
 from .cache import StageCache, cache_root, digest, encoded_digest, model_fingerprint
+from .checks import chance_level, check_model_inputs, load_tokenizer, refuse_export_at_chance  # issue 17
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .evaluation import evaluate_model
 from .models import align_labels, check_labels, forward_logits, input_names, load_classifier, num_heads_total, resolve_model_path
 from .progress import console
+from .report import print_chance_warning  # issue 17
 from .pruning import count_parameters, heads_to_prune, prune_heads, pruned_heads_of, pruning_curve
 from .tasks import Encoded, Examples, encode, load_task_data, make_dataloader
 
@@ -211,7 +213,6 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     r = recipe
     if r.runtime.threads:
@@ -221,7 +222,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     set_seed(r.seed)
     model_path = resolve_model_path(r.model.path, r.model.revision)
     train, dev, labels, metric_names = load_task_data(r)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    tokenizer = load_tokenizer(model_path)  # issue 17: a folder without tokenizer files is named, not the data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = cache_root(r.finetune.cache_dir)
     ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet, cache=StageCache(root, enabled=use_cache))
@@ -234,6 +235,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     else:
         model = load_classifier(model_path, require_trained_head=True)
     check_run(r, model, has_train=train is not None, labels=labels)
+    check_model_inputs(r, model, tokenizer, model_path)  # issue 17: vocabulary vs embeddings, model.max_length vs positions
     with ctx.stage("tokenize"):
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
@@ -869,6 +871,9 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
     try:
         prep = prepare(r, accelerator, use_cache=use_cache)
         baseline = evaluate_unpruned(prep)
+        chance = chance_level(prep.ctx.metrics[0], baseline[prep.ctx.metrics[0]], prep.dev_enc.labels, prep.ctx.labels)  # issue 17
+        print_chance_warning(chance, prep.ctx.print)  # issue 17: loud when the unpruned model is at chance
+        refuse_export_at_chance(r, chance)  # issue 17: export.max_drop refuses to choose at chance (RunError)
         scores = importance_stage(prep)
         recovery = RecoveryState() if r.recovery.enabled else None  # recovery (issue 10)
         curves = curves_stage(prep, scores, recovery)
@@ -877,6 +882,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         analyses = analyses_stage(prep, tmp)
         report = build_report(prep, baseline, scores, curves, export_info, analyses, resolved)
         report["recovery"] = recovered.report if recovered is not None else None
+        report["chance"] = chance  # issue 17
         if prep.ctx.reused:
             prep.ctx.print("reused from cache: " + ", ".join(prep.ctx.reused))
         if accelerator.is_main_process:
