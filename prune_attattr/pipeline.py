@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from .checks import chance_level, export_refusal
 from .config import Recipe
 from .errors import OutputExists, RunError
 from .progress import console
+from .report import print_chance_warning
 from .stages.analyses import analyses_stage
 from .stages.context import Prepared, RunContext
 from .stages.curves import curves_stage, iterative_curve
@@ -107,6 +109,17 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
     try:
         prep = prepare(r, accelerator, use_cache=use_cache)
         baseline = evaluate_unpruned(prep)
+        chance = chance_level(prep.ctx.metrics[0], baseline[prep.ctx.metrics[0]], prep.dev_enc.labels, prep.ctx.labels)
+        print_chance_warning(chance, prep.ctx.print)  # loud when the unpruned model is at chance
+        refusal = export_refusal(r, chance)
+        if refusal is not None:  # export.max_drop has nothing to choose from: the report says so, nothing is exported
+            report = build_report(prep, baseline, {}, {}, None, {}, resolved)
+            report.update(chance=chance, export_refused=refusal)
+            if accelerator.is_main_process:
+                write_outputs(report, tmp, final, recipe_source=recipe_source)
+                tmp = None
+            accelerator.wait_for_everyone()
+            raise RunError(f"{refusal} (report without export: {final}/report.md)")
         scores = importance_stage(prep)
         recovery = RecoveryState() if r.recovery.enabled else None  # recovery (issue 10)
         curves = curves_stage(prep, scores, recovery)
@@ -115,6 +128,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
         analyses = analyses_stage(prep, tmp)
         report = build_report(prep, baseline, scores, curves, export_info, analyses, resolved)
         report["recovery"] = recovered.report if recovered is not None else None
+        report["chance"] = chance
         if prep.ctx.reused:
             prep.ctx.print("reused from cache: " + ", ".join(prep.ctx.reused))
         if accelerator.is_main_process:

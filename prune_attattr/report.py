@@ -19,6 +19,8 @@ __all__ = [
     "recovery_markdown",
     "recovery_table",
     "write_tradeoff_plot",
+    "chance_warning",
+    "print_chance_warning",
     "method_settings",
     "analyses_markdown",
     "write_analyses_files",
@@ -96,8 +98,31 @@ def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
     return "\n".join(lines)
 
 
+# ---- chance level (issue 17): a model that learned nothing is said so everywhere ---------------
+
+
+def chance_warning(chance: dict | None) -> str | None:
+    """The warning line when the unpruned model is at chance (``chance``: the report's ``chance`` entry,
+    :func:`prune_attattr.checks.chance_level`); None when it is not or the check did not apply."""
+    from .checks import chance_message
+
+    if not chance or not chance.get("at_chance"):
+        return None
+    return "WARNING: " + chance_message(chance)
+
+
+def print_chance_warning(chance: dict | None, print_fn) -> None:
+    """Print :func:`chance_warning` in bold red through ``print_fn`` (a rich console's ``print``), if any."""
+    from rich.markup import escape
+
+    text = chance_warning(chance)
+    if text:
+        print_fn(f"[bold red]{escape(text)}[/]")
+
+
 def print_report(report: dict, console) -> None:
-    """Print the curves table, the chart and the export summary with rich."""
+    """Print the curves table, the chart and the export summary with rich (and the chance-level
+    warning last, where a reader of the log looks)."""
     from rich.panel import Panel
 
     console.print(curves_table(report))
@@ -116,11 +141,14 @@ def print_report(report: dict, console) -> None:
                 else ""
             )
         )
+    print_chance_warning(report.get("chance"), console.print)
 
 
 def write_json(report: dict, path: Path) -> None:
-    """``report.json`` (indent 2), with ``method_settings`` (see :func:`method_settings`) added."""
-    out = {**report, "method_settings": method_settings(report)}
+    """``report.json`` (indent 2), with ``method_settings`` (see :func:`method_settings`) added and, first,
+    ``warnings``: a list of lines (the chance-level warning), empty when there is none."""
+    warning = chance_warning(report.get("chance"))
+    out = {"warnings": [warning] if warning else [], **report, "method_settings": method_settings(report)}
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
@@ -130,6 +158,9 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
     total = report["total_heads"]
     metric = report["primary_metric"]
     lines = [f"# prune-attattr report: {report['run_name']}", ""]
+    warning = chance_warning(report.get("chance"))
+    if warning:
+        lines += [f"> **{warning}**", ""]
     lines.append(
         f"Model `{report['model']}`, task `{report['task']}`; {metric} on {report['eval_split']} "
         f"({report['eval_examples']} examples). Unpruned: "
@@ -147,6 +178,8 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
         lines.append("| ---: | " + " | ".join("---:" for _ in by_method) + " |")
         for k in kept:
             lines.append(f"| {k}/{total} | " + " | ".join(_pct(v.get(k)) for v in by_method.values()) + " |")
+    if report.get("export_refused"):
+        lines += ["", "## Export", "", f"Nothing exported: {report['export_refused']}."]
     exp = report.get("export")
     if exp:
         lines += ["", "## Export", ""]

@@ -270,7 +270,7 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
 
 def test_sigterm_mid_run_leaves_nothing(tiny_dir, tmp_path):
     """SIGTERM during the importance stage: exit 143, no run folder, no temporary folder, no torn cache entry."""
-    slow = "importance: {methods: [attattr], examples: 12, attattr: {steps: 1024, mode: reference}}\nexport: {method: attattr}"
+    slow = "importance: {methods: [attattr], examples: 12, attattr: {steps: 1024, mode: reference}}\nexport: {method: attattr, heads: 6}"
     text = _recipe(tiny_dir, tmp_path, sections=slow)
     (tmp_path / "r.yaml").write_text(text)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")

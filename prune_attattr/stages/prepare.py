@@ -14,6 +14,7 @@ import torch
 from ..cache import StageCache, cache_root, digest, model_fingerprint
 from ..config import Recipe
 from ..errors import RunError
+from ..checks import check_model_inputs, load_tokenizer
 from ..loading import load_classifier
 from ..models import align_labels, check_labels, num_heads_total, resolve_model_path
 from ..tasks import Examples, encode, load_task_data
@@ -88,7 +89,6 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer
 
     r = recipe
     if r.runtime.threads:
@@ -98,7 +98,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     set_seed(r.seed)
     model_path = resolve_model_path(r.model.path, r.model.revision)
     train, dev, labels, metric_names = load_task_data(r)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+    tokenizer = load_tokenizer(model_path)  # a folder without tokenizer files is named, not the data
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     root = cache_root(r.finetune.cache_dir)
     ctx = RunContext(r, accelerator, tokenizer, pad_id, metric_names, labels, quiet=quiet, cache=StageCache(root, enabled=use_cache))
@@ -111,6 +111,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     else:
         model = load_classifier(model_path, require_trained_head=True)
     check_run(r, model, has_train=train is not None, labels=labels)
+    check_model_inputs(r, model, tokenizer, model_path)  # vocabulary vs embeddings, model.max_length vs positions
     with ctx.stage("tokenize"):
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
