@@ -7,9 +7,13 @@ Two kinds of entries live under :func:`cache_root`:
   into place; :func:`entry_complete` checks the marker before an entry is reused.
 - ``stages/<key>.json``: a stage result (one method's head importance, one evaluated pruning step).
   Written to a temporary file and renamed, so a killed process leaves either the whole entry or none.
+  A result with tensors (a recovered model's weights, the teacher's logits) has them in
+  ``stages/<key>.safetensors``, written the same way *before* the JSON, whose record of the file's
+  size is checked before the tensors are reused.
 
 Keys are SHA-256 digests of everything that determines a result: the model's bytes
-(:func:`model_fingerprint`), the tokenised examples (:func:`encoded_digest`), the settings and the seed.
+(:func:`model_fingerprint`, or :func:`tensors_digest` of weights in memory), the tokenised examples
+(:func:`encoded_digest`), the settings and the seed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ __all__ = [
     "model_fingerprint",
     "encoded_digest",
     "digest",
+    "tensors_digest",
     "write_complete_marker",
     "entry_complete",
     "StageCache",
@@ -84,6 +89,18 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 hex digest of named tensors (a ``state_dict``): every name, dtype, shape and the raw bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def write_complete_marker(folder: Path) -> None:
     """Write :data:`COMPLETE` into ``folder`` listing every other file (relative name -> size)."""
     folder = Path(folder)
@@ -110,13 +127,14 @@ def entry_complete(folder: Path, required: Iterable[str] = ()) -> bool:
     return True
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_replace(path: Path, write) -> None:
+    """``write(temporary path)``, fsync, then rename over ``path``: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
@@ -124,13 +142,18 @@ def _atomic_write(path: Path, text: str) -> None:
             os.unlink(tmp)
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    _atomic_replace(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 class StageCache:
-    """JSON results of stages under ``<root>/stages/<key>.json`` (atomic writes; unreadable entries are misses).
+    """JSON results of stages under ``<root>/stages/<key>.json`` (atomic writes; unreadable entries are misses),
+    with optional tensors beside them in ``<key>.safetensors``.
 
     Args:
         root: cache folder (:func:`cache_root`).
-        enabled: False (``--no-cache``): :meth:`get` always misses; :meth:`put` still writes, so the
-            next run can resume.
+        enabled: False (``--no-cache``): :meth:`get` and :meth:`get_tensors` always miss; :meth:`put`
+            still writes, so the next run can resume.
     """
 
     def __init__(self, root: Path, enabled: bool = True):
@@ -140,8 +163,10 @@ class StageCache:
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"
 
-    def get(self, key: str) -> Any | None:
-        """The stored value of ``key``, or None (missing, unreadable, or the cache is disabled)."""
+    def tensors_path(self, key: str) -> Path:
+        return self.dir / f"{key}.safetensors"
+
+    def _entry(self, key: str) -> dict | None:
         if not self.enabled:
             return None
         try:
@@ -150,8 +175,40 @@ class StageCache:
             return None
         if not isinstance(entry, dict) or entry.get("key") != key:
             return None
-        return entry.get("value")
+        return entry
 
-    def put(self, key: str, value: Any) -> None:
-        """Store ``value`` (JSON-serialisable) under ``key``, atomically."""
-        _atomic_write(self.path(key), json.dumps({"key": key, "value": value}))
+    def get(self, key: str) -> Any | None:
+        """The stored value of ``key``, or None (missing, unreadable, or the cache is disabled)."""
+        entry = self._entry(key)
+        return None if entry is None else entry.get("value")
+
+    def get_tensors(self, key: str) -> dict | None:
+        """The tensors stored with ``key`` (name -> CPU tensor), or None: no entry, an entry stored without
+        tensors, a tensor file missing or of another size than the entry records, unreadable, or the
+        cache is disabled."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        entry = self._entry(key)
+        record = entry.get("tensors") if entry is not None else None
+        path = self.tensors_path(key)
+        try:
+            if not isinstance(record, dict) or path.stat().st_size != record.get("bytes"):
+                return None
+            return load_file(path)
+        except (OSError, SafetensorError):  # a torn or foreign file reads as a miss, like a torn JSON entry
+            return None
+
+    def put(self, key: str, value: Any, tensors: dict | None = None) -> None:
+        """Store ``value`` (JSON-serialisable) under ``key``, atomically. ``tensors`` (name -> tensor; copied
+        to the CPU) go to ``<key>.safetensors``, written and renamed before the JSON entry that records
+        their size, so a killed process never leaves an entry whose tensors are missing or torn."""
+        entry = {"key": key, "value": value}
+        if tensors is not None:
+            from safetensors.torch import save_file
+
+            cpu = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in tensors.items()}  # copies: no shared storage
+            path = self.tensors_path(key)
+            _atomic_replace(path, lambda tmp: save_file(cpu, tmp))
+            entry["tensors"] = {"file": path.name, "bytes": path.stat().st_size}
+        _atomic_write(self.path(key), json.dumps(entry))

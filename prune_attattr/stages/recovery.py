@@ -5,6 +5,10 @@
 :mod:`prune_attattr.stages.curves` shares it); :func:`recovery_stage` recovers the candidates
 (:func:`prune_attattr.recovery.recover`), picks the one ``export`` asks for, judged after recovery
 (:func:`prune_attattr.budget.search_budget`), and costs every tried model (:func:`model_cost`).
+
+Both long parts are stage-cached (:meth:`prune_attattr.stages.context.RunContext.cached_tensors`): the
+teacher's logits, and each recovered candidate's weights with its metrics before/after recovery and its
+recovery info, so a run killed after recovery resumes without recovering again (issue 17).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..budget import search_budget
+from ..cache import digest, encoded_digest, tensors_digest
 from ..config import Recipe
 from ..cost import flops_per_token
 from ..errors import RunError
@@ -24,7 +29,7 @@ from ..models import num_heads_total
 from ..pruning import count_parameters, prune_heads, pruned_heads_of
 from ..recovery import recover, recovery_dataloader, teacher_logits
 from ..tasks import Encoded, encode, load_task_data
-from .context import Prepared
+from .context import STAGE_CACHE_VERSION, Prepared, pruned_key
 from .export import ExportChoice, exact_heads_target, example_batches, latency_feeds, measure_latency, within_budget
 from .prepare import split_train
 
@@ -58,15 +63,41 @@ class RecoveryState:
     snapshots: dict[int, torch.nn.Module] = field(default_factory=dict)
 
     def ensure(self, prep: Prepared) -> None:
-        """Build the recovery dataloader and (distillation on) the teacher logits the first time."""
+        """Build the recovery dataloader and (distillation on) the teacher logits the first time; the
+        logits come from the stage cache when the same model saw the same batches before."""
         if self.loader is not None:
             return
         r, ctx = prep.ctx.recipe, prep.ctx
         self.train = recovery_train_set(r, ctx.tokenizer)
         self.loader = recovery_dataloader(self.train, batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed)
+        distil = r.recovery.alpha > 0
+        # the batches (and so the padding) follow the examples, the batch size and the seed
+        key = digest("teacher logits", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(self.train), r.recovery.batch_size, r.seed)
+        hit = ctx.cached_tensors(key) if distil else None
+        if hit is not None:
+            info, tensors = hit
+            self.table, self.teacher_seconds = tensors["logits"].to(ctx.accelerator.device), info["seconds"]
+            ctx.reused.append("recovery: teacher logits")
+            return
         start = time.perf_counter()
-        self.table = teacher_logits(prep.model, self.loader, ctx.accelerator) if r.recovery.alpha > 0 else None
+        self.table = teacher_logits(prep.model, self.loader, ctx.accelerator) if distil else None
         self.teacher_seconds = round(time.perf_counter() - start, 1)
+        if distil:
+            ctx.store(key, {"seconds": self.teacher_seconds}, {"logits": self.table})
+
+
+def _candidate_key(prep: Prepared, state: RecoveryState, student: torch.nn.Module, from_snapshot: bool) -> str:
+    """Stage-cache key of recovering ``student`` (pruned, not yet recovered): the model, its pruned heads
+    (and, when it starts from an iterative curve's recovered snapshot, its weights), the recovery
+    settings, data, seed and schedule, the process count (it sets the effective batch), and the dev
+    evaluation of the metrics stored with it."""
+    ctx, r = prep.ctx, prep.ctx.recipe
+    start = tensors_digest(student.state_dict()) if from_snapshot else "unpruned model"
+    evaluation = {"dev": encoded_digest(prep.dev_enc), "batch_size": r.pruning.eval_batch_size, "metrics": ctx.metrics}
+    return digest(
+        "recovery", STAGE_CACHE_VERSION, prep.model_key, pruned_key(student), start, r.recovery.model_dump(mode="json"),
+        encoded_digest(state.train), r.seed, r.pruning.schedule, ctx.accelerator.num_processes, evaluation,
+    )
 
 
 def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
@@ -123,25 +154,41 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     with ctx.stage("recovery"):
         state.ensure(prep)
 
-        def start_model(i: int, pruned: dict, on_curve: bool) -> torch.nn.Module:
+        counts = {"tried": 0, "reused": 0}
+
+        def start_model(i: int, pruned: dict, on_curve: bool) -> tuple[torch.nn.Module, bool]:
+            """The pruned model candidate ``i`` recovers from, and whether it is an iterative snapshot's."""
             snaps = state.snapshots if on_curve else {}  # a step off the curve starts from the unpruned model
             if i in snaps:
-                return copy.deepcopy(snaps[i])
+                return copy.deepcopy(snaps[i]), True
             base = snaps[i - 1] if i - 1 in snaps else model
-            return prune_heads(copy.deepcopy(base), {int(k): v for k, v in pruned.items()})
+            return prune_heads(copy.deepcopy(base), {int(k): v for k, v in pruned.items()}), base is not model
 
         def recovered_metric(i: int, pruned: dict | None = None) -> float:
             on_curve = pruned is None
             pruned = curve[i].pruned_heads if on_curve else pruned
-            student = start_model(i, pruned, on_curve)
-            before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
-            set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
-            info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
-            after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
-            models[i], infos[i] = student, {"before": before, "after": after, "recovery": info}
+            student, from_snapshot = start_model(i, pruned, on_curve)
+            key = _candidate_key(prep, state, student, from_snapshot)
+            hit = ctx.cached_tensors(key)
+            counts["tried"] += 1
+            if hit is not None:  # the recovered weights, metrics and info of an earlier run
+                found, weights = hit
+                student.load_state_dict(weights)
+                student.eval()
+                counts["reused"] += 1
+            else:
+                before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+                set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
+                info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
+                after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+                found = {"before": before, "after": after, "recovery": info}
+                ctx.store(key, found, student.state_dict())
+            models[i], infos[i] = student, found
+            before, after, info = found["before"], found["after"], found["recovery"]
             ctx.print(
                 f"   recovered {e.method} with {total - sum(len(v) for v in pruned.values())} heads: {metric} "
-                f"{100 * before[metric]:.2f}% -> {100 * after[metric]:.2f}% ({info['seconds'] / 60:.1f} min)"
+                f"{100 * before[metric]:.2f}% -> {100 * after[metric]:.2f}% ({info['seconds'] / 60:.1f} min"
+                + (", reused)" if hit is not None else ")")
             )
             return after[metric]
 
@@ -179,6 +226,8 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
                 "recovery_minutes": round(infos[i]["recovery"]["seconds"] / 60, 2),
                 **cost,
             })
+    if counts["reused"]:
+        ctx.reused.append(f"recovery ({counts['reused']}/{counts['tried']} candidates)")
     chosen = models[index]
     report = {
         "settings": rec.model_dump(mode="json"),
