@@ -4,6 +4,7 @@ Library API (the CLI is a thin layer over it):
 
 - :func:`attention_attribution` - AttAttr scores ``[batch, layers, heads, seq, seq]`` (Hao et al. 2021, Eq. 2-3)
 - :func:`prune_heads` - structural head pruning for the encoder families in :mod:`prune_attattr.families`
+- :func:`prune_neurons`, :func:`prune_units` - structural feed-forward neuron pruning (and both units at once)
 - :func:`load_classifier`, :func:`load_pruned` - load a classifier / an exported pruned checkpoint
 - :mod:`prune_attattr.importance` - head importance: ``attattr``, ``taylor``, ``accuracy_difference``,
   ``attention``, ``random``
@@ -18,6 +19,7 @@ from .checkpoint import load_pruned, save_pruned
 from .importance.attattr import attention_attribution
 from .loading import load_classifier
 from .models import kept_heads
+from .neuron_pruning import prune_neurons, prune_units
 from .pipeline import run
 from .pruning import heads_to_prune, prune_heads, pruning_curve
 from .recovery import recover
@@ -38,6 +40,8 @@ __all__ = [
     "run",
     "heads_to_prune",
     "prune_heads",
+    "prune_neurons",
+    "prune_units",
     "pruning_curve",
     "recover",
 ]

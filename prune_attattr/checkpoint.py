@@ -1,7 +1,8 @@
 """Checkpoint I/O for pruned classifiers: a folder that stock transformers and :func:`load_pruned` both load.
 
 ``save_pruned`` writes ``model.safetensors``, ``config.json`` (the pruned heads under
-``prune_attattr_pruned_heads``, {layer: [heads]} with original head indices, and an ``auto_map``
+``prune_attattr_pruned_heads``, {layer: [heads]} with original head indices, the pruned feed-forward
+neurons under ``prune_attattr_pruned_neurons``, {layer: [neurons]} likewise, and an ``auto_map``
 entry), the tokenizer, and ``modeling_pruned.py``: a self-contained modeling file (torch and
 transformers only) that rebuilds the pruned architecture. So, without prune-attattr installed::
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .families import PRUNED_HEADS_KEY, family_of, layers_path
+from .families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, family_of, layers_path
 
 __all__ = ["save_pruned", "load_pruned", "MODELING_FILE", "AUTO_CLASS"]
 
@@ -41,6 +42,10 @@ def _structure(model: nn.Module) -> dict:
         "output": fam.output,
         "qkv": [fam.query, fam.key, fam.value, *fam.extra_proj] if fam.fused_qkv is None else [],
         "fused_qkv": fam.fused_qkv,
+        "ffn_in": fam.ffn_in,
+        "ffn_out": fam.ffn_out,
+        "glu": fam.glu,
+        "intermediate_key": fam.intermediate_key,
     }
 
 
@@ -67,7 +72,8 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
     """Write a pruned (or unpruned) classifier so that stock transformers and :func:`load_pruned` load it.
 
     Args:
-        model: a classifier of a supported family, possibly pruned by :func:`prune_attattr.prune_heads`.
+        model: a classifier of a supported family, possibly pruned by :func:`prune_attattr.prune_heads`
+            and :func:`prune_attattr.neuron_pruning.prune_neurons`.
         directory: output folder (created).
         tokenizer: saved beside the weights when given.
 
@@ -79,6 +85,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
     """
     from safetensors.torch import save_file
 
+    from .neuron_pruning import pruned_neurons_of
     from .pruning import pruned_heads_of
 
     directory = Path(directory)
@@ -88,6 +95,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     setattr(config, PRUNED_HEADS_KEY, {str(k): v for k, v in pruned_heads_of(model).items()})
+    setattr(config, PRUNED_NEURONS_KEY, {str(k): v for k, v in pruned_neurons_of(model).items()})
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{AUTO_CLASS}"}
     config.architectures = [AUTO_CLASS]
     config.save_pretrained(directory)
@@ -99,7 +107,8 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
 
 
 def load_pruned(directory: str | Path) -> nn.Module:
-    """Load a checkpoint written by :func:`save_pruned`: architecture re-pruned, weights loaded strictly.
+    """Load a checkpoint written by :func:`save_pruned`: architecture re-pruned (heads and feed-forward
+    neurons), weights loaded strictly.
 
     Returns:
         The classifier in eval mode, float32, using the ``prune_attattr`` attention implementation.
@@ -113,20 +122,21 @@ def load_pruned(directory: str | Path) -> nn.Module:
 
     from .attention import register_attention
     from .models import prepare
-    from .pruning import prune_heads
+    from .neuron_pruning import prune_units
 
     directory = Path(directory)
     weights = directory / "model.safetensors"
     if not (directory / "config.json").is_file() or not weights.is_file():
         raise FileNotFoundError(f"{directory} has no config.json and model.safetensors written by save_pruned")
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    pruned = getattr(config, PRUNED_HEADS_KEY, None) or {}
+    heads = getattr(config, PRUNED_HEADS_KEY, None) or {}
+    neurons = getattr(config, PRUNED_NEURONS_KEY, None) or {}
     config._attn_implementation = register_attention()
     if hasattr(config, "auto_map"):
-        del config.auto_map  # the stock class; prune_heads below does what modeling_pruned.py does
+        del config.auto_map  # the stock class; prune_units below does what modeling_pruned.py does
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
     prepare(model)
-    prune_heads(model, {int(k): v for k, v in pruned.items()})
+    prune_units(model, heads={int(k): v for k, v in heads.items()}, neurons={int(k): v for k, v in neurons.items()})
     state = load_file(str(weights))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -101,13 +101,13 @@ def export_onnx_folder(
     """
     import copy
 
-    from .families import PRUNED_HEADS_KEY
+    from .families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = export_onnx(model, directory / "model.onnx", example, opset=opset)
     config = copy.deepcopy(model.config)
-    for key in (PRUNED_HEADS_KEY, "auto_map"):
+    for key in (PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
     config.save_pretrained(directory)

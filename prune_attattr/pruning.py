@@ -48,7 +48,8 @@ class _NoHeads(nn.Module):
 
 
 class _BiasOnly(nn.Module):
-    """Attention output projection with no input features left: returns its bias, ``[..., hidden]``."""
+    """A linear map with no input features left (an attention output projection without heads, a second
+    feed-forward map without neurons): returns its bias, ``[..., hidden]``, for any input ``[..., 0]``."""
 
     def __init__(self, bias: torch.Tensor):
         super().__init__()

@@ -1,22 +1,26 @@
-"""A head-pruned __BASE__ written by prune-attattr; loads with stock transformers, no prune-attattr needed.
+"""A pruned __BASE__ written by prune-attattr; loads with stock transformers, no prune-attattr needed.
 
     from transformers import AutoModelForSequenceClassification
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
 
 ``config.json`` lists the removed heads under ``prune_attattr_pruned_heads`` ({layer: [heads]},
-original head indices). This class builds the stock architecture, removes those heads (rows of the
-query/key/value projections, columns of the attention output projection; a layer with no heads
-left keeps only the output projection's bias), and from_pretrained then loads the weights.
+original head indices) and the removed feed-forward neurons under ``prune_attattr_pruned_neurons``
+({layer: [neurons]}, original neuron indices). This class builds the stock architecture, removes
+those heads (rows of the query/key/value projections, columns of the attention output projection; a
+layer with no heads left keeps only the output projection's bias) and neurons (rows of the first
+feed-forward map and its bias, both halves of a gated one; columns of the second; a layer with no
+neurons left keeps only the second map's bias), and from_pretrained then loads the weights.
 """
 
 import operator
+import warnings
 
 import torch
 from torch import nn
 from transformers import __BASE__ as _Base
 from transformers.pytorch_utils import prune_linear_layer
 
-# where this family keeps its attention parts (written from prune_attattr's family table)
+# where this family keeps its attention heads and feed-forward neurons (written from prune_attattr's family table)
 STRUCTURE = __STRUCTURE__
 
 
@@ -91,9 +95,33 @@ def _prune(model, pruned):
         attn.head_ids = keep
 
 
+def _prune_neurons(model, pruned):
+    s = STRUCTURE
+    layers = _get(model, s["layers"])
+    n = int(getattr(model.config, s["intermediate_key"]))
+    for key, gone in pruned.items():
+        block = layers[int(key)]
+        keep = [j for j in range(n) if j not in {int(g) for g in gone}]
+        first, second = _get(block, s["ffn_in"]), _get(block, s["ffn_out"])
+        index = torch.tensor(keep, dtype=torch.long, device=first.weight.device)
+        rows = torch.cat([index, index + n]) if s["glu"] else index  # a gated map holds [x; gate]
+        with warnings.catch_warnings():  # a layer without neurons: a first map with no rows
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            _set(block, s["ffn_in"], prune_linear_layer(first, rows, dim=0))
+        if keep:
+            second = prune_linear_layer(second, index, dim=1)
+        else:
+            bias = second.bias if second.bias is not None else torch.zeros(second.out_features, dtype=second.weight.dtype, device=second.weight.device)
+            second = _BiasOnly(bias)
+        second.neuron_ids = keep
+        _set(block, s["ffn_out"], second)
+
+
 class PrunedForSequenceClassification(_Base):
-    """__BASE__ with the heads in ``config.prune_attattr_pruned_heads`` removed."""
+    """__BASE__ with the heads in ``config.prune_attattr_pruned_heads`` and the feed-forward neurons in
+    ``config.prune_attattr_pruned_neurons`` removed."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         _prune(self, getattr(config, "prune_attattr_pruned_heads", None) or {})
+        _prune_neurons(self, getattr(config, "prune_attattr_pruned_neurons", None) or {})
