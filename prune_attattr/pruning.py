@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -176,13 +176,22 @@ def heads_to_prune(scores: torch.Tensor, count: int, already: Mapping[int, Seque
 
 @dataclass
 class PruningStep:
-    """One point of a pruning curve."""
+    """One point of a pruning curve.
+
+    ``flops_fraction``: FLOPs per token kept, as a fraction of the unpruned model's
+    (:func:`prune_attattr.cost.unit_flops`; filled by the caller for head curves), ``budget``: the
+    FLOPs fraction a budgeted step was searched for (None for head-count steps).
+    """
 
     heads_pruned: int
     heads_kept: int
     parameters: int
     metrics: dict[str, float]
     pruned_heads: dict[str, list[int]]
+    neurons_kept: int | None = None
+    pruned_neurons: dict[str, list[int]] = field(default_factory=dict)
+    flops_fraction: float | None = None
+    budget: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

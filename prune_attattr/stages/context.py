@@ -20,10 +20,11 @@ from ..cache import StageCache, digest, encoded_digest
 from ..config import Recipe
 from ..evaluation import evaluate_model
 from ..progress import console
+from ..neuron_pruning import pruned_neurons_of
 from ..pruning import pruned_heads_of
 from ..tasks import Encoded, make_dataloader
 
-__all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "cached_evaluate"]
+__all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "mean_length", "cached_evaluate"]
 
 STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores, metrics or recovered weights
 
@@ -126,8 +127,17 @@ class Prepared:
 
 
 def pruned_key(model) -> list:
-    """The pruned heads of ``model`` as a stage-cache key part: ``[[layer, [heads, ...]], ...]``, sorted."""
-    return sorted((int(k), sorted(v)) for k, v in pruned_heads_of(model).items() if v)
+    """The pruned units of ``model`` as a stage-cache key part: ``[[layer, [heads, ...]], ...]``, sorted,
+    followed by ``["neurons", [[layer, [neurons, ...]], ...]]`` when feed-forward neurons are pruned (a
+    head-only model keeps the key it had before neurons could be pruned)."""
+    key = sorted((int(k), sorted(v)) for k, v in pruned_heads_of(model).items() if v)
+    neurons = sorted((int(k), sorted(v)) for k, v in pruned_neurons_of(model).items() if v)
+    return key + [["neurons", neurons]] if neurons else key
+
+
+def mean_length(data: Encoded) -> float:
+    """Mean tokens per example of ``data`` (special tokens included): the sequence length of the cost model."""
+    return float(sum(data.lengths) / max(1, len(data.lengths)))
 
 
 def _eval_key(prep: Prepared, model) -> str:

@@ -1,0 +1,110 @@
+"""Accuracy versus FLOPs kept: one pruned model per FLOPs budget, heads and feed-forward neurons chosen
+together (issue 15; Kwon et al. 2022, section 4.1).
+
+For each fraction of ``pruning.flops_steps`` the units to keep are searched from the method's head and
+neuron scores (:func:`prune_attattr.search.search_units`), a copy of the unpruned model is pruned
+structurally (:func:`prune_attattr.neuron_pruning.prune_units`) and evaluated. Steps are independent:
+each starts from the unpruned model, so a step's model does not depend on the steps before it. A budget
+the unit kind cannot reach (heads only below the feed-forward share) is left out of that curve.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .cost import UnitCosts, unit_flops
+from .models import kept_heads, kept_neurons, num_heads_total
+from .neuron_pruning import pruned_neurons_of, prune_units
+from .pruning import PruningStep, count_parameters, pruned_heads_of
+from .search import lowest_fraction, search_units
+
+__all__ = ["flops_fraction", "choose_units", "flops_curve"]
+
+
+def flops_fraction(model: nn.Module, costs: UnitCosts) -> float:
+    """FLOPs per token of ``model`` (pruned or not) as a fraction of the unpruned architecture's, with the
+    unit costs of ``costs`` (:func:`prune_attattr.cost.unit_flops` at the evaluation length)."""
+    heads = [len(h) for h in kept_heads(model)]
+    neurons = [len(n) for n in kept_neurons(model)]
+    return costs.flops(heads, neurons) / costs.unpruned
+
+
+def choose_units(
+    model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, costs: UnitCosts, budget: float, units: str
+):
+    """The :class:`~prune_attattr.search.UnitChoice` of ``units`` (heads, neurons, both) within ``budget``
+    (fraction of the unpruned FLOPs per token) for ``model`` (its pruned units stay pruned).
+
+    Raises:
+        prune_attattr.search.SearchError: a budget ``units`` cannot reach.
+    """
+    if neuron_scores is None:
+        if units != "heads":
+            raise ValueError(f"pruning {units} needs neuron scores")
+        neuron_scores = torch.zeros(len(costs.neuron), costs.neurons_total)
+    return search_units(
+        head_scores, neuron_scores, costs.head, costs.neuron, costs.fixed, budget,
+        units=units, kept_heads=kept_heads(model), kept_neurons=kept_neurons(model),
+    )
+
+
+def flops_curve(
+    model: nn.Module,
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor | None,
+    fractions: Sequence[float],
+    evaluate_fn: Callable[[nn.Module], dict[str, float]],
+    *,
+    units: str,
+    seq_len: float,
+    on_step: Callable[[PruningStep], None] | None = None,
+) -> list[PruningStep]:
+    """Prune ``model`` (a copy per step) to each FLOPs fraction and evaluate it.
+
+    Args:
+        model: the unpruned (or partly pruned) classifier; not changed.
+        head_scores: ``[layers, heads]`` importance; neuron_scores: ``[layers, neurons]`` (None for ``units="heads"``).
+        fractions: FLOPs fractions kept, decreasing; 1.0 is the model itself.
+        evaluate_fn: model -> metrics (fractions in [0, 1]).
+        units: ``heads``, ``neurons`` or ``both``.
+        seq_len: tokens per sequence for the cost model (the dev split's mean length).
+
+    Returns:
+        One :class:`~prune_attattr.pruning.PruningStep` per reachable fraction, with ``budget``,
+        ``flops_fraction``, ``heads_kept``/``neurons_kept`` and the pruned units of each.
+    """
+    costs = unit_flops(model, seq_len)
+    total_heads = num_heads_total(model)
+    floor = lowest_fraction(
+        costs.head, costs.neuron, costs.fixed, costs.heads_total, costs.neurons_total, units,
+        kept_heads=kept_heads(model), kept_neurons=kept_neurons(model),
+    )
+    steps: list[PruningStep] = []
+    for budget in fractions:
+        if budget < floor - 1e-12:
+            continue
+        work = copy.deepcopy(model)
+        if budget < 1.0:
+            choice = choose_units(model, head_scores, neuron_scores, costs, budget, units)
+            prune_units(work, heads=choice.pruned_heads, neurons=choice.pruned_neurons)
+        metrics = evaluate_fn(work)
+        pruned_h = pruned_heads_of(work)
+        step = PruningStep(
+            heads_pruned=sum(len(v) for v in pruned_h.values()),
+            heads_kept=total_heads - sum(len(v) for v in pruned_h.values()),
+            parameters=count_parameters(work),
+            metrics=metrics,
+            pruned_heads={str(k): v for k, v in pruned_h.items()},
+            neurons_kept=sum(len(n) for n in kept_neurons(work)),
+            pruned_neurons={str(k): v for k, v in pruned_neurons_of(work).items()},
+            flops_fraction=flops_fraction(work, costs),
+            budget=float(budget),
+        )
+        steps.append(step)
+        if on_step is not None:
+            on_step(step)
+    return steps
