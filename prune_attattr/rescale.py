@@ -123,7 +123,7 @@ class _Capture:
 
     def __init__(self, model: nn.Module, layer: int):
         block = encoder_layers(model)[layer]
-        first, second = feed_forward(model, layer)
+        second = feed_forward(model, layer)[1]
         self.seen: dict[str, torch.Tensor] = {}
         self.handles = [
             output_projection(block).register_forward_hook(self._keep("ctx", "attn_out")),
@@ -336,7 +336,7 @@ def least_squares(
                           Su=u.sum(1), SB=target.sum(0))
             _apply(result, stats.reduced(accelerator), hm_all, layer, kept_h, "heads", proj if bias else None, damping, max_scale)
 
-        first, second = feed_forward(model, layer)
+        second = feed_forward(model, layer)[1]
         kept_n = (nm_all[layer] != 0).nonzero().flatten().tolist()
         if kept_n:
             w2 = second.weight.detach()[:, kept_n]  # [hidden, k]

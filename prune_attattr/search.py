@@ -68,7 +68,8 @@ class UnitChoice:
         fraction: ``flops`` / FLOPs per token of the unpruned architecture (``<= budget``).
         importance: total kept importance, in the balanced units that were maximised
             (``head_weight * head scores + neuron_weight * neuron scores`` of kept units).
-        head_weight, neuron_weight: the factors ``balance`` put on each kind's scores (1.0 for ``"none"``).
+        head_weight, neuron_weight: the factors ``balance`` put on each kind's scores (1.0 for ``"none"``
+            and for ``units="heads"``/``"neurons"``, where only one kind is chosen).
     """
 
     pruned_heads: dict[int, list[int]]

@@ -116,9 +116,9 @@ def test_improves_the_output_error_with_half_the_units_masked(kind, bias):
 
 def test_structurally_pruned_equals_masked():
     teacher = tiny_model("bert", init=0.1)
-    pruned = {0: [1, 3], 2: [0]}
+    pruned = {0: [1, 3], 1: [0, 1, 2, 3], 2: [0]}  # layer 1 loses every head
     hm, _ = masks_from_pruned(teacher, pruned, None)
-    assert set(hm) == {0, 2} and hm[0].tolist() == [1, 0, 1, 0]
+    assert set(hm) == {0, 1, 2} and hm[0].tolist() == [1, 0, 1, 0] and hm[1].tolist() == [0, 0, 0, 0]
     batches = [tiny_batch(seed=s, batch=8) for s in range(6)]
     masked = copy.deepcopy(teacher)
     least_squares(masked, batches, head_mask=hm, teacher=teacher)
@@ -126,7 +126,7 @@ def test_structurally_pruned_equals_masked():
     with pytest.raises(RecoveryError, match="teacher"):
         least_squares(copy.deepcopy(structural), batches)
     res = least_squares(structural, batches, teacher=teacher)
-    assert res.head_scales[0].shape == (2,)
+    assert res.head_scales[0].shape == (2,) and res.head_scales[1].shape == (0,)
     torch.testing.assert_close(_logits(structural, batches), _logits(masked, batches), atol=2e-5, rtol=0)
 
 
