@@ -123,7 +123,7 @@ class _Capture:
 
     def __init__(self, model: nn.Module, layer: int):
         block = encoder_layers(model)[layer]
-        second = feed_forward(model, layer)[1]
+        first, second = feed_forward(model, layer)
         self.seen: dict[str, torch.Tensor] = {}
         self.handles = [
             output_projection(block).register_forward_hook(self._keep("ctx", "attn_out")),
