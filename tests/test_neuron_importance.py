@@ -204,3 +204,35 @@ def test_random_and_head_only_methods(accelerator):
         imp.unit_importance("accuracy_difference", model, loader, accelerator, units="neurons")
     with pytest.raises(ValueError, match="unknown units"):
         imp.unit_importance("taylor", model, loader, accelerator, units="layers")
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_bf16_autocast_float32_sums(mode, monkeypatch):
+    """mixed_precision bf16: every Linear runs in bf16, the leaves and their gradients stay float32,
+    the attributions and the mask gradients stay close to the float32 ones."""
+    from test_precision import DtypeMeter, _stub_accelerator
+
+    model, batch = tiny_model(init=0.1), tiny_batch()
+    want = neuron_attribution(model, batch, steps=6, target="gold", mode=mode)
+    leaves = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, *args, **kwargs):
+        grads = real_grad(outputs, inputs, *args, **kwargs)
+        leaves.extend(t.dtype for t in (*(inputs if isinstance(inputs, (list, tuple)) else [inputs]), *grads))
+        return grads
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    meter = DtypeMeter(model)
+    got = neuron_attribution(model, batch, steps=6, target="gold", mode=mode, mixed_precision="bf16")
+    meter.close()
+    assert meter.dtypes == {torch.bfloat16}
+    assert leaves and set(leaves) == {torch.float32}
+    err = (got - want).abs().max() / want.abs().max()
+    assert got.dtype == torch.float32 and 0 < err < 0.02
+    if mode == "fast":
+        loader = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+        g32 = imp.mask_gradients(model, loader, _stub_accelerator("no"), description=None)
+        g16 = imp.mask_gradients(model, loader, _stub_accelerator("bf16"), description=None)
+        for a, b in zip(g32, g16):
+            assert b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.02 * a.abs().max()

@@ -80,6 +80,8 @@ __all__ = [
     "unit_importance",
     "NEURON_METHODS",
     "HEAD_ONLY_METHODS",
+    "UNITS",
+    "UNIT_METHODS",
 ]
 
 #: Methods that score feed-forward neurons as well as heads.

@@ -30,8 +30,9 @@ Two procedures compute the same quantity:
   layer itself only position 0's activations reach the classifier: its attribution is 0 elsewhere
   (in both modes). Parameters get no gradients.
 
-Under ``mixed_precision="bf16"``/``"fp16"`` the forwards run in autocast; ``P``, the quadrature-summed
-gradient and the attributions stay float32.
+Under ``mixed_precision="bf16"``/``"fp16"`` the forwards run in autocast (the second map's output
+``alpha P + b_2`` is cast to the autocast dtype, as the map would return it); ``P``, the leaf ``δ``, the
+quadrature-summed gradient and the attributions stay float32.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..attention import AttentionControl
+from ..attention import AttentionControl, controlled
 from ..models import (
     ModelError,
     classify,
@@ -203,7 +204,10 @@ class _ScaledNeurons:
         y = (a.view(k, 1, 1, 1) * self.proj + w.view(k, 1, 1, 1) * delta).reshape(k * r, t_q, hidden)
         if self.bias is not None:
             y = y + self.bias
-        with _output_given(self.map, y):
+        device = y.device.type
+        if torch.is_autocast_enabled(device):  # what the map itself would return under the run's autocast
+            y = y.to(torch.get_autocast_dtype(device))
+        with controlled(None), _output_given(self.map, y):  # no outer control reaches the neuron hook
             out = self.split.second(y, repeat_batch(self.normed, k), repeat_batch(self.summed, k))
         return delta, out
 
