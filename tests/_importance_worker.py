@@ -1,4 +1,4 @@
-"""Worker for test_multiprocess.py: head importance and evaluation on a tiny model, written as JSON.
+"""Worker for test_multiprocess.py: head and neuron importance and evaluation on a tiny model, written as JSON.
 
 Run as ``python _importance_worker.py OUT.json`` (one process) or under
 ``accelerate launch --multi_gpu --num_processes 2 _importance_worker.py OUT.json`` (two CPU processes, gloo).
@@ -33,7 +33,10 @@ def main(out: str) -> None:
         "taylor": imp.taylor_importance(model, loader, accelerator, description=None),
         "attention": imp.attention_importance(model, loader, accelerator, description=None),
         "accuracy_difference": imp.accuracy_difference_importance(model, loader, accelerator, description=None),
+        "attattr_neurons": imp.attattr_neuron_importance(model, loader, accelerator, steps=3, description=None),
     }
+    scores["fisher"], scores["fisher_neurons"] = imp.unit_importance("fisher", model, loader, accelerator)
+    scores["taylor_neurons"] = imp.unit_importance("taylor", model, loader, accelerator, units="neurons")[1]
     metrics = evaluate_model(model, loader, accelerator, ["accuracy"])
     if accelerator.is_main_process:
         result = {k: v.tolist() for k, v in scores.items()}

@@ -41,7 +41,7 @@ def test_two_processes_equal_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["processes"] == 1 and b["processes"] == 2
-    for key in ("attattr", "taylor", "attention", "accuracy_difference"):
+    for key in ("attattr", "taylor", "attention", "accuracy_difference", "attattr_neurons", "fisher", "fisher_neurons", "taylor_neurons"):
         x, y = torch.tensor(a[key]), torch.tensor(b[key])
         assert x.abs().max() > 0, key
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-7), key

@@ -10,6 +10,13 @@ by length and run without padding columns, at most ``max_tokens_per_forward`` to
 (copies of a row included), so neither speed nor peak memory depends on the caller's batch order
 or size. ``mixed_precision`` (default: the accelerator's, i.e. ``runtime.mixed_precision``) runs
 the forwards under autocast on the accelerator's device type; scores are summed in float32.
+
+Feed-forward neurons (issue 15) get ``[num_layers, intermediate_size]`` scores by the same conventions
+(original neuron indices, pruned neurons 0): ``attattr_neuron_importance`` (knowledge attribution,
+:mod:`prune_attattr.importance.neurons`), ``taylor_neuron_importance``, ``fisher_neuron_importance``
+(:mod:`prune_attattr.importance.masks`) and ``random_neuron_importance``; ``fisher_importance`` scores
+heads. :func:`unit_importance` returns both kinds from one call, from one backward where the method
+allows it (taylor, fisher). ``accuracy_difference`` and ``attention`` score heads only.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from ..models import (
     embed,
     encoder_layers,
     forward_logits,
-    frozen,
+    intermediate_size,
     kept_heads,
+    kept_neurons,
     logits_from_layer,
     repeat_batch,
     run_layers,
@@ -43,13 +51,13 @@ from .attattr import (
 )
 from .batching import (
     DEFAULT_MAX_TOKENS,
-    compact,
-    length_groups,
     over_batches,
-    row_spans,
     split_evenly,
+    sub_batches,
     token_budget,
 )
+from .masks import mask_gradients
+from .neurons import iter_neuron_attributions, neuron_attribution, neuron_scores
 
 __all__ = [
     "METHODS",
@@ -62,7 +70,24 @@ __all__ = [
     "accuracy_difference_importance",
     "attention_importance",
     "random_importance",
+    "fisher_importance",
+    "neuron_attribution",
+    "attattr_neuron_importance",
+    "taylor_neuron_importance",
+    "fisher_neuron_importance",
+    "random_neuron_importance",
+    "mask_gradients",
+    "unit_importance",
+    "NEURON_METHODS",
+    "HEAD_ONLY_METHODS",
+    "UNITS",
+    "UNIT_METHODS",
 ]
+
+#: Methods that score feed-forward neurons as well as heads.
+NEURON_METHODS: tuple[str, ...] = ("attattr", "taylor", "fisher", "random")
+#: Methods that score heads only (their neuron scores are None in :func:`unit_importance`).
+HEAD_ONLY_METHODS: tuple[str, ...] = ("accuracy_difference", "attention")
 
 
 def _head_table(model: nn.Module, bsz: int, device) -> torch.Tensor:
@@ -84,10 +109,7 @@ def _pad_id(model: nn.Module) -> int:
 
 def _sub_batches(model: nn.Module, batch: dict, max_tokens: int):
     """``(caller rows, compacted sub-batch)`` per length group of ``batch`` (at most ``max_tokens`` tokens each)."""
-    rows = row_spans(batch["attention_mask"])
-    pad = _pad_id(model)
-    for index in length_groups(rows.length, max_tokens):
-        yield index, compact(batch, rows, index, pad)
+    return sub_batches(batch, max_tokens, _pad_id(model))
 
 
 def attattr_importance(
@@ -148,39 +170,40 @@ def taylor_importance(
     """Head importance by first-order Taylor expansion (Michel et al. 2019, Eq. 4).
 
     ``I_h = |Σ_tokens A_h ⊙ ∂L/∂A_h|`` per example with the cross-entropy loss ``L`` (computed as the
-    gradient of a per-example head mask xi_h = 1), summed over examples, then divided per layer by
-    the layer's L2 norm (Michel et al., section 4.2). Returns ``[layers, heads]``.
+    gradient of a per-example head mask xi_h = 1, :func:`mask_gradients`), summed over examples, then
+    with ``normalize`` divided per layer by the layer's L2 norm (Michel et al., section 4.2).
+    Returns ``[layers, heads]``; unit: loss (nats), or none when normalised.
     """
-    max_tokens, _ = token_budget(max_tokens_per_forward)
-    precision = resolve_precision(mixed_precision, accelerator)
-    heads = kept_heads(model)
-
-    def work(batch):
-        device = batch["input_ids"].device
-        table = _head_table(model, batch["input_ids"].shape[0], device)
-        for index, sub in _sub_batches(model, batch, max_tokens):
-            r = len(index)
-            masks = {layer: torch.ones(r, len(h), device=device, requires_grad=True) for layer, h in enumerate(heads) if h}
-            with torch.enable_grad():
-                with autocast(device, precision):
-                    logits = forward_logits(model, sub, AttentionControl(head_mask=masks))
-                loss = nn.functional.cross_entropy(logits.float(), sub["labels"], reduction="sum")
-                grads = torch.autograd.grad(loss, list(masks.values()))
-            for layer, g in zip(masks, grads):
-                _put(table, index, layer, heads[layer], g.abs())
-        return table
-
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            (per_example,) = over_batches(dataloader, accelerator, description, work)
-    finally:
-        model.train(was_training)
-    total = per_example.sum(0)
+    grads, _ = mask_gradients(
+        model, dataloader, accelerator, heads=True, neurons=False, max_tokens_per_forward=max_tokens_per_forward,
+        mixed_precision=mixed_precision, description=description,
+    )
+    total = grads.abs().sum(0)
     if normalize:
         total = total / (total.norm(p=2, dim=-1, keepdim=True) + 1e-20)
     return total
+
+
+def fisher_importance(
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+    description: str | None = "Fisher importance",
+) -> torch.Tensor:
+    """Head importance by the empirical Fisher information of the head mask (Kwon et al. 2022, section 4.1).
+
+    ``I_h = Σ_examples (∂L/∂m_h)^2`` with ``m`` a per-example head mask of ones and ``L`` the
+    cross-entropy loss against the gold label (:func:`mask_gradients`). Returns ``[layers, heads]``
+    float32; unit: nats^2.
+    """
+    grads, _ = mask_gradients(
+        model, dataloader, accelerator, heads=True, neurons=False, max_tokens_per_forward=max_tokens_per_forward,
+        mixed_precision=mixed_precision, description=description,
+    )
+    return grads.pow(2).sum(0)
 
 
 @torch.no_grad()
@@ -301,3 +324,176 @@ def random_importance(model: nn.Module, seed: int = 0) -> torch.Tensor:
         gone = [h for h in range(model.config.num_attention_heads) if h not in hs]
         scores[layer, gone] = 0
     return scores
+
+
+def attattr_neuron_importance(
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    steps: int = 20,
+    target: str = "gold",
+    mode: str = "fast",
+    quadrature: str = "left",
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+    description: str | None = "AttAttr neuron importance",
+) -> torch.Tensor:
+    """Feed-forward neuron importance by knowledge attribution (Dai, Dong, Hao et al. 2022, Eq. 3-4).
+
+    For each example and neuron: the max over the example's valid tokens of the neuron's integrated-
+    gradients attribution (:func:`prune_attattr.importance.neurons.neuron_attribution`, zero
+    baseline, the head method's quadrature, steps and target); summed over examples. Unit:
+    target-class probability. Returns float32 ``[layers, intermediate_size]`` at original neuron
+    indices (pruned neurons 0). Sharded across processes like the head methods.
+    """
+    precision = resolve_precision(mixed_precision, accelerator)
+    kept = kept_neurons(model)
+    n_layers, size = len(kept), intermediate_size(model)
+
+    def work(batch):
+        table = torch.zeros(batch["input_ids"].shape[0], n_layers, size, device=batch["input_ids"].device)
+        for layer, g in iter_neuron_attributions(
+            model, batch, steps=steps, target=target, mode=mode, quadrature=quadrature,
+            max_tokens_per_forward=max_tokens_per_forward, mixed_precision=precision,
+        ):
+            _put(table, g.index, layer, kept[layer], neuron_scores(g.attr, g.attention_mask))
+        return table
+
+    (per_example,) = over_batches(dataloader, accelerator, description, work)
+    return per_example.sum(0)
+
+
+def taylor_neuron_importance(
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+    description: str | None = "Taylor neuron importance",
+) -> torch.Tensor:
+    """Neuron importance by first-order Taylor expansion: ``|Σ_tokens a ⊙ ∂L/∂a|`` per example (the
+    gradient of a per-example neuron mask, cross-entropy loss; TextPruner, Michel et al. 2019 Eq. 4 for
+    neurons), summed over examples. Not normalised per layer (so that heads and neurons, both in nats,
+    can be ranked together). Returns float32 ``[layers, intermediate_size]``; unit: nats.
+    """
+    _, grads = mask_gradients(
+        model, dataloader, accelerator, heads=False, neurons=True, max_tokens_per_forward=max_tokens_per_forward,
+        mixed_precision=mixed_precision, description=description,
+    )
+    return grads.abs().sum(0)
+
+
+def fisher_neuron_importance(
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+    description: str | None = "Fisher neuron importance",
+) -> torch.Tensor:
+    """Neuron importance by the empirical Fisher information of the neuron mask (Kwon et al. 2022,
+    section 4.1): ``Σ_examples (∂L/∂m_i)^2``. Returns float32 ``[layers, intermediate_size]``; unit: nats^2."""
+    _, grads = mask_gradients(
+        model, dataloader, accelerator, heads=False, neurons=True, max_tokens_per_forward=max_tokens_per_forward,
+        mixed_precision=mixed_precision, description=description,
+    )
+    return grads.pow(2).sum(0)
+
+
+NEURON_SEED_OFFSET = 0x9E3779B9
+"""Added to the seed of :func:`random_neuron_importance`, so that its draws are not the head scores'."""
+
+
+def random_neuron_importance(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Reference curve: uniform random neuron scores ``[layers, intermediate_size]`` from a generator
+    seeded with ``seed + NEURON_SEED_OFFSET``; pruned neurons 0."""
+    gen = torch.Generator().manual_seed(int(seed) + NEURON_SEED_OFFSET)
+    kept = kept_neurons(model)
+    scores = torch.rand(len(kept), intermediate_size(model), generator=gen)
+    present = torch.zeros_like(scores, dtype=torch.bool)
+    for layer, ids in enumerate(kept):
+        present[layer, ids] = True
+    return scores * present
+
+
+UNITS = ("heads", "neurons", "both")
+#: Every method :func:`unit_importance` knows (the recipe's :data:`~prune_attattr.registry.METHODS` and fisher).
+UNIT_METHODS: tuple[str, ...] = tuple(dict.fromkeys((*METHODS, "fisher")))
+
+
+def unit_importance(
+    method: str,
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    units: str = "both",
+    steps: int = 20,
+    target: str = "gold",
+    mode: str = "fast",
+    quadrature: str = "left",
+    chunk_size: int | None = None,
+    metrics: Sequence[str] = ("accuracy",),
+    normalize: bool | None = None,
+    seed: int = 0,
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Head and neuron importance of one method: ``(heads [layers, heads] or None, neurons [layers, intermediate_size] or None)``.
+
+    float32, original unit indices, pruned units 0, higher = more important. ``units`` picks the
+    kinds (``heads``, ``neurons``, ``both``; the other is None). Per method:
+
+    * ``attattr``: :func:`attattr_importance` and :func:`attattr_neuron_importance` (two passes;
+      unit: target-class probability for both);
+    * ``taylor``, ``fisher``: one forward and backward per group for both kinds
+      (:func:`mask_gradients`); unit nats (taylor) or nats^2 (fisher) for both. Taylor heads are
+      normalised per layer (Michel et al.) only when ``normalize`` says so; default: only for
+      ``units="heads"`` (the head-only curves as before), never for neurons, so that a joint search
+      ranks heads and neurons on one scale;
+    * ``random``: :func:`random_importance` and :func:`random_neuron_importance` (``seed``);
+    * ``accuracy_difference``, ``attention``: heads only; neurons None.
+
+    ``steps``, ``target``, ``mode``, ``quadrature``, ``chunk_size`` are AttAttr's; ``metrics``
+    accuracy_difference's; ``max_tokens_per_forward`` and ``mixed_precision`` every method's.
+
+    Raises:
+        ValueError: unknown ``method`` or ``units``, or ``units="neurons"`` with a head-only method.
+    """
+    if units not in UNITS:
+        raise ValueError(f"unknown units '{units}'; use heads, neurons or both")
+    if method not in UNIT_METHODS:
+        raise ValueError(f"unknown importance method '{method}'; use one of {list(UNIT_METHODS)}")
+    want_heads, want_neurons = units in ("heads", "both"), units in ("neurons", "both")
+    if method in HEAD_ONLY_METHODS:
+        if units == "neurons":
+            raise ValueError(f"importance method '{method}' scores heads only; use one of {list(NEURON_METHODS)} for neurons")
+        want_neurons = False
+    bound = {"max_tokens_per_forward": max_tokens_per_forward, "mixed_precision": mixed_precision}
+    heads = neurons = None
+    if method == "attattr":
+        ig = dict(steps=steps, target=target, mode=mode, quadrature=quadrature, **bound)
+        if want_heads:
+            heads = attattr_importance(model, dataloader, accelerator, chunk_size=chunk_size, **ig)
+        if want_neurons:
+            neurons = attattr_neuron_importance(model, dataloader, accelerator, **ig)
+    elif method in ("taylor", "fisher"):
+        gh, gn = mask_gradients(
+            model, dataloader, accelerator, heads=want_heads, neurons=want_neurons, description=f"{method} importance", **bound
+        )
+        reduce = (lambda g: g.abs().sum(0)) if method == "taylor" else (lambda g: g.pow(2).sum(0))
+        heads = None if gh is None else reduce(gh)
+        neurons = None if gn is None else reduce(gn)
+        if heads is not None and method == "taylor" and (normalize if normalize is not None else units == "heads"):
+            heads = heads / (heads.norm(p=2, dim=-1, keepdim=True) + 1e-20)
+    elif method == "random":
+        heads = random_importance(model, seed=seed) if want_heads else None
+        neurons = random_neuron_importance(model, seed=seed) if want_neurons else None
+    elif method == "accuracy_difference":
+        heads = accuracy_difference_importance(model, dataloader, accelerator, metrics=metrics, **bound)
+    else:  # attention
+        heads = attention_importance(model, dataloader, accelerator, **bound)
+    return heads, neurons

@@ -156,21 +156,22 @@ def _groups(model, batch, rows: Rows, max_tokens: int, max_rows: int | None) -> 
     return [_Group(index=g, sub=compact(batch, rows, g, pad)) for g in index_groups]
 
 
-def _prepare_fast(model, group: _Group, layers: list[int], target: Target, precision: str) -> None:
-    """One no-grad forward of the group: inputs and probabilities of the requested layers, the target class."""
+def _prepare_fast(model, group: _Group, layers: list[int], target: Target, precision: str, probabilities: bool = True) -> None:
+    """One no-grad forward of the group: inputs (and, with ``probabilities``, attention probabilities)
+    of the requested layers, the mask, the target class. Shared by the head and the neuron fast paths."""
     device = group.sub["input_ids"].device
     wanted = set(layers)
     last = len(encoder_layers(model)) - 1
     with torch.no_grad(), autocast(device, precision):
         hidden, mask = embed(model, group.sub)
-        control = AttentionControl(record=wanted)
+        control = AttentionControl(record=wanted) if probabilities else None
         for i in range(last + 1):
             if i in wanted:
                 group.inputs[i] = hidden
             hidden = run_layers(model, hidden, mask, i, i + 1, control)
         logits = classify(model, hidden)
     group.mask = mask
-    group.probs = {k: v.detach() for k, v in control.recorded.items()}
+    group.probs = {k: v.detach() for k, v in control.recorded.items()} if probabilities else {}
     group.target = _targets(logits, group.sub, target)
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "compact",
     "token_budget",
     "split_evenly",
+    "sub_batches",
     "over_batches",
 ]
 
@@ -188,6 +189,20 @@ def split_evenly(total: int, per: int) -> Iterator[tuple[int, int]]:
     size = -(-total // max(parts, 1))
     for start in range(0, total, size):
         yield start, min(start + size, total)
+
+
+def sub_batches(
+    batch: dict[str, torch.Tensor], max_tokens: int, pad_id: int = 0
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """``(caller rows, compacted sub-batch)`` per length group of ``batch`` (:func:`length_groups`,
+    :func:`compact`): at most ``max_tokens`` tokens each, padding columns dropped.
+
+    Raises:
+        ValueError: as :func:`row_spans` and :func:`check_fits`.
+    """
+    rows = row_spans(batch["attention_mask"])
+    for index in length_groups(rows.length, max_tokens):
+        yield index, compact(batch, rows, index, pad_id)
 
 
 def over_batches(
