@@ -1,9 +1,14 @@
-"""Stage "pruning curves": prune each method's least important heads step by step, evaluating each step.
+"""Stage "pruning curves": prune each method's least important units step by step, evaluating each step.
 
-:func:`curves_stage` runs :func:`prune_attattr.pruning.pruning_curve` per method, every evaluated step
-(and every re-scoring with ``pruning.rescore``) cached, so an interrupted curve resumes. With
-``pruning.schedule: iterative`` ``export.method``'s curve is :func:`iterative_curve` instead: a brief
-recovery between steps (Michel et al. 2019).
+``pruning.units: heads``: :func:`curves_stage` runs :func:`prune_attattr.pruning.pruning_curve` per
+method (accuracy vs heads kept; each step's FLOPs fraction is recorded too). ``neurons`` or ``both``:
+:func:`prune_attattr.flops_curve.flops_curve` per method, one step per ``pruning.flops_steps`` budget
+(accuracy vs FLOPs kept); a head-only method (accuracy difference, attention) prunes heads on the same
+axis. ``pruning.compare_units`` adds each method's curve for other unit kinds, named
+``"<method> (<units>)"`` (:func:`curve_name`). Every evaluated step (and every re-scoring with
+``pruning.rescore``) is cached, so an interrupted curve resumes. With ``pruning.schedule: iterative``
+``export.method``'s curve is :func:`iterative_curve` instead: a brief recovery between steps (Michel et
+al. 2019).
 """
 
 from __future__ import annotations
@@ -13,54 +18,127 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..cost import UnitCosts, unit_flops
 from ..evaluation import evaluate_model
+from ..flops_curve import flops_curve
 from ..pruning import pruned_heads_of, pruning_curve
 from ..recovery import recover, recovery_dataloader
-from .context import Prepared, cached_evaluate
+from ..registry import NEURON_METHODS
+from .context import Prepared, cached_evaluate, mean_length
 from .importance import cached_importance, compute_importance
 
 if TYPE_CHECKING:
     from .recovery import RecoveryState
 
-__all__ = ["curves_stage", "iterative_curve"]
+__all__ = ["curve_name", "curve_units", "curves_stage", "iterative_curve"]
 
 
-def curves_stage(prep: Prepared, scores: dict[str, torch.Tensor], recovery: RecoveryState | None = None) -> dict[str, list]:
-    """One pruning curve per method (:func:`prune_attattr.pruning.pruning_curve`); every evaluated step
-    (and every re-scoring with ``pruning.rescore``) is cached, so an interrupted curve resumes.
+def curve_units(recipe, method: str, kind: str) -> str:
+    """The units ``method``'s curve of kind ``kind`` prunes: ``kind``, or heads for a head-only method."""
+    return kind if method in NEURON_METHODS else "heads"
+
+
+def curve_name(recipe, method: str, kind: str) -> str:
+    """Key of ``method``'s curve of unit kind ``kind`` in the report: the method's name for
+    ``pruning.units``, ``"<method> (<kind>)"`` for a ``compare_units`` kind."""
+    return method if kind == recipe.pruning.units else f"{method} ({kind})"
+
+
+def _with_flops(steps: list, costs: UnitCosts) -> list:
+    """Head-count steps with their FLOPs fraction (every neuron kept)."""
+    n_layers = len(costs.head)
+    for s in steps:
+        heads = [costs.heads_total - len(s.pruned_heads.get(str(layer), [])) for layer in range(n_layers)]
+        s.neurons_kept = costs.neurons_total * n_layers
+        s.flops_fraction = costs.flops(heads, [costs.neurons_total] * n_layers) / costs.unpruned
+    return steps
+
+
+def curves_stage(
+    prep: Prepared, scores: dict[str, torch.Tensor], recovery: RecoveryState | None = None, neuron_scores: dict[str, torch.Tensor] | None = None
+) -> dict[str, list]:
+    """The pruning curves of every method (and unit kind of ``pruning.compare_units``); see the module
+    docstring. ``neuron_scores``: method -> ``[layers, neurons]`` (:func:`prune_attattr.stages.importance.neuron_importance_stage`).
     ``pruning.schedule: iterative``: ``export.method``'s curve is :func:`iterative_curve` (``recovery``)."""
+    r = prep.ctx.recipe
+    neuron_scores = neuron_scores or {}
+    curves = {}
+    seq_len = mean_length(prep.dev_enc)
+    costs = unit_flops(prep.model, seq_len)
+    for method in r.importance.methods if r.pruning.enabled else []:
+        for kind in [r.pruning.units, *r.pruning.compare_units]:
+            units = curve_units(r, method, kind)
+            if units != kind and kind != r.pruning.units:
+                continue  # a head-only method has one curve, drawn for pruning.units
+            name = curve_name(r, method, kind)
+            if r.pruning.units == "heads" and kind == "heads":  # the paper's curves: heads kept
+                curves[name] = _with_flops(_heads_curve(prep, method, scores, recovery), costs)
+            else:  # FLOPs kept
+                curves[name] = _budget_curve(prep, method, units, scores[method], neuron_scores.get(method), seq_len, name)
+    return curves
+
+
+def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str) -> list:
+    """``method``'s curve over ``pruning.flops_steps`` (:func:`prune_attattr.flops_curve.flops_curve`),
+    every step's evaluation cached."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]
-    curves = {}
-    for method in r.importance.methods if r.pruning.enabled else []:
-        name = f"pruning curve: {method}"
-        if r.pruning.schedule == "iterative" and method == r.export.method and recovery is not None:  # issue 10
-            with ctx.stage(name + " (iterative, with recovery)"):
-                curves[method] = iterative_curve(prep, scores[method], method, recovery)
-            continue
-        counts = {"steps": 0, "reused": 0}
+    counts = {"steps": 0, "reused": 0}
 
-        def evaluate(m, _counts=counts):
-            metrics, reused = cached_evaluate(prep, m)
-            _counts["steps"] += 1
-            _counts["reused"] += reused
-            return metrics
+    def evaluate(m):
+        metrics, reused = cached_evaluate(prep, m)
+        counts["steps"] += 1
+        counts["reused"] += reused
+        return metrics
 
-        def rescore(m, _method=method):
-            return cached_importance(prep, _method, m)[0]
+    def show(s):
+        ctx.print(
+            f"   {name}: FLOPs {100 * s.flops_fraction:5.1f}% ({s.heads_kept} heads, {s.neurons_kept} neurons) -> "
+            f"{metric} {100 * s.metrics[metric]:.2f}%"
+        )
 
-        with ctx.stage(name):
-            curves[method] = pruning_curve(
-                prep.model,
-                scores[method],
-                evaluate,
-                step_fraction=r.pruning.step_fraction,
-                rescore_fn=rescore if r.pruning.rescore else None,
-                on_step=lambda s, _m=method: ctx.print(f"   {_m}: {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
-            )
-        if counts["reused"]:
-            ctx.reused.append(f"{name} ({counts['reused']}/{counts['steps']} steps)")
-    return curves
+    stage = f"pruning curve: {name}" + ("" if units == r.pruning.units or name != method else f" ({units} only)")
+    with ctx.stage(stage):
+        steps = flops_curve(
+            prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
+            units=units, seq_len=seq_len, on_step=show,
+        )
+    if counts["reused"]:
+        ctx.reused.append(f"{stage} ({counts['reused']}/{counts['steps']} steps)")
+    return steps
+
+
+def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
+    """``method``'s curve over head counts (``pruning.step_fraction``), as in the paper."""
+    ctx, r = prep.ctx, prep.ctx.recipe
+    metric = ctx.metrics[0]
+    name = f"pruning curve: {method}"
+    if r.pruning.schedule == "iterative" and method == r.export.method and recovery is not None:  # issue 10
+        with ctx.stage(name + " (iterative, with recovery)"):
+            return iterative_curve(prep, scores[method], method, recovery)
+    counts = {"steps": 0, "reused": 0}
+
+    def evaluate(m):
+        metrics, reused = cached_evaluate(prep, m)
+        counts["steps"] += 1
+        counts["reused"] += reused
+        return metrics
+
+    def rescore(m):
+        return cached_importance(prep, method, m)[0]
+
+    with ctx.stage(name):
+        curve = pruning_curve(
+            prep.model,
+            scores[method],
+            evaluate,
+            step_fraction=r.pruning.step_fraction,
+            rescore_fn=rescore if r.pruning.rescore else None,
+            on_step=lambda s: ctx.print(f"   {method}: {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
+        )
+    if counts["reused"]:
+        ctx.reused.append(f"{name} ({counts['reused']}/{counts['steps']} steps)")
+    return curve
 
 
 def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: RecoveryState) -> list:

@@ -10,22 +10,27 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import RunError
-from ..models import forward_logits, input_names, num_heads_total
-from ..pruning import count_parameters, heads_to_prune, prune_heads
+from ..cost import unit_flops
+from ..flops_curve import choose_units, flops_fraction
+from ..models import forward_logits, input_names, kept_neurons, num_heads_total
+from ..neuron_pruning import prune_units
+from ..pruning import count_parameters, heads_to_prune
+from ..search import SearchError
 from ..tasks import Encoded, make_dataloader
-from .context import Prepared, cached_evaluate
+from .context import Prepared, cached_evaluate, mean_length
 
 __all__ = [
     "ExportChoice",
     "example_batches",
     "exact_heads_target",
+    "export_target",
     "within_budget",
     "choose_export",
     "latency_feeds",
@@ -44,6 +49,8 @@ class ExportChoice:
     model: torch.nn.Module
     pruned_heads: dict[int, list[int]]
     metrics: dict
+    pruned_neurons: dict[int, list[int]] = field(default_factory=dict)
+    flops_fraction: float | None = None
 
     def info(self, total: int) -> dict:
         return {
@@ -51,6 +58,9 @@ class ExportChoice:
             "rule": self.rule,
             "heads_kept": total - sum(len(v) for v in self.pruned_heads.values()),
             "pruned_heads": {str(k): v for k, v in self.pruned_heads.items()},
+            "neurons_kept": sum(len(n) for n in kept_neurons(self.model)),
+            "pruned_neurons": {str(k): v for k, v in self.pruned_neurons.items()},
+            "flops_fraction": self.flops_fraction,
             "metrics": self.metrics,
             "parameters": count_parameters(self.model),
         }
@@ -82,31 +92,69 @@ def exact_heads_target(prep: Prepared, scores: torch.Tensor, curve: list) -> tup
     return index, {int(k): v for k, v in pruned.items()}
 
 
+def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, curve: list):
+    """The model ``export.heads`` or ``export.flops`` asks for: ``(index, pruned_heads, pruned_neurons, rule)``
+    with ``index`` the curve step that is that model, or None when no step is (the units are then chosen
+    like the curve's: the lowest-scored heads, or :func:`prune_attattr.flops_curve.choose_units` at that budget).
+
+    Raises:
+        RunError: ``export.heads`` above the model's head count; an ``export.flops`` budget the curve's
+            units cannot reach.
+    """
+    e, r = prep.ctx.recipe.export, prep.ctx.recipe
+    if e.heads is not None:
+        index, pruned = exact_heads_target(prep, head_scores, curve)
+        return index, pruned, {}, f"exactly {e.heads} heads kept"
+    budget = float(e.flops)
+    rule = f"FLOPs per token at most {100 * budget:g}% of the unpruned model's"
+    index = next((i for i, s in enumerate(curve) if s.budget is not None and abs(s.budget - budget) < 1e-9), None)
+    if index is not None:
+        s = curve[index]
+        return index, {int(k): v for k, v in s.pruned_heads.items()}, {int(k): v for k, v in s.pruned_neurons.items()}, rule
+    units = r.pruning.units if neuron_scores is not None else "heads"
+    try:
+        choice = choose_units(prep.model, head_scores, neuron_scores, unit_flops(prep.model, mean_length(prep.dev_enc)), budget, units)
+    except SearchError as exc:
+        raise RunError(f"export.flops {budget:g}: {exc}") from None
+    return None, choice.pruned_heads, choice.pruned_neurons, rule
+
+
+def prune_copy(prep: Prepared, pruned_heads: dict, pruned_neurons: dict | None = None) -> torch.nn.Module:
+    """A structurally pruned copy of the prepared model (heads and neurons, original ids)."""
+    return prune_units(
+        copy.deepcopy(prep.model),
+        heads={int(k): v for k, v in pruned_heads.items()},
+        neurons={int(k): v for k, v in (pruned_neurons or {}).items()},
+    )
+
+
 def within_budget(curve: list, metric: str, floor: float) -> list[int]:
     """Indices of the curve steps whose ``metric`` is at least ``floor`` (1e-12 tolerance), least pruned first."""
     return [i for i, s in enumerate(curve) if s.metrics[metric] >= floor - 1e-12]
 
 
-def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict) -> ExportChoice:
-    """Pick the step to export (``export.heads`` or the most pruned within ``export.max_drop``), prune a
-    copy of the model, and evaluate it when it is not a curve step. Runs on every process (evaluation
-    gathers across processes)."""
+def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict, neuron_scores: dict | None = None) -> ExportChoice:
+    """Pick the model to export (``export.heads``, ``export.flops``, or the most pruned curve step within
+    ``export.max_drop``: along a curve the cost falls, so the last step within budget is the cheapest),
+    prune a copy of the model, and evaluate it when it is not a curve step. Runs on every process
+    (evaluation gathers across processes)."""
     ctx = prep.ctx
     e = ctx.recipe.export
     metric = ctx.metrics[0]
     curve = curves[e.method]
-    if e.heads is not None:
-        index, pruned = exact_heads_target(prep, scores[e.method], curve)
+    if e.heads is not None or e.flops is not None:
+        index, pruned, neurons, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
         step = curve[index] if index is not None else None
-        rule = f"exactly {e.heads} heads kept"
     else:
         within = within_budget(curve, metric, baseline[metric] - e.max_drop)
-        step = curve[max(within)] if within else curve[0]  # heads kept fall along the curve: the last is the most pruned
+        step = curve[max(within)] if within else curve[0]
         pruned = {int(k): v for k, v in step.pruned_heads.items()}
+        neurons = {int(k): v for k, v in step.pruned_neurons.items()}
         rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
-    pruned_model = prune_heads(copy.deepcopy(prep.model), pruned)
+    pruned_model = prune_copy(prep, pruned, neurons)
     metrics = step.metrics if step is not None else cached_evaluate(prep, pruned_model)[0]
-    return ExportChoice(e.method, rule, pruned_model, pruned, metrics)
+    fraction = flops_fraction(pruned_model, unit_flops(prep.model, mean_length(prep.dev_enc)))
+    return ExportChoice(e.method, rule, pruned_model, pruned, metrics, neurons, fraction)
 
 
 def latency_feeds(prep: Prepared) -> dict:

@@ -1,8 +1,11 @@
-"""Stage "importance": head importance ``[layers, heads]`` of each method of ``importance.methods``.
+"""Stage "importance": head importance ``[layers, heads]`` of each method of ``importance.methods``, and
+feed-forward neuron importance ``[layers, neurons]`` of each method that scores neurons when
+``pruning.units`` (or ``compare_units``) prunes them.
 
 :func:`compute_importance` dispatches to :mod:`prune_attattr.importance`; :func:`cached_importance`
 keys each result on the model, the importance examples' tokens, the settings, the seed and the pruned
-heads (so re-scoring along a pruning curve is cached too); :func:`importance_stage` scores every method.
+units (so re-scoring along a pruning curve is cached too); :func:`importance_stage` scores every
+method's heads, :func:`neuron_importance_stage` every neuron method's neurons.
 """
 
 from __future__ import annotations
@@ -12,9 +15,17 @@ import torch
 from .. import importance as imp
 from ..cache import digest, encoded_digest
 from ..errors import RunError
+from ..registry import NEURON_METHODS
 from .context import STAGE_CACHE_VERSION, Prepared, RunContext, pruned_key
 
-__all__ = ["compute_importance", "cached_importance", "importance_stage"]
+__all__ = [
+    "compute_importance",
+    "compute_neuron_importance",
+    "cached_importance",
+    "importance_stage",
+    "neuron_methods",
+    "neuron_importance_stage",
+]
 
 
 def compute_importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
@@ -33,6 +44,8 @@ def compute_importance(method: str, model, loader, ctx: RunContext) -> torch.Ten
         )
     if method == "taylor":
         return imp.taylor_importance(model, loader, ctx.accelerator, **bound)
+    if method == "fisher":
+        return imp.fisher_importance(model, loader, ctx.accelerator, **bound)
     if method == "accuracy_difference":
         return imp.accuracy_difference_importance(model, loader, ctx.accelerator, metrics=ctx.metrics, **bound)
     if method == "attention":
@@ -42,25 +55,41 @@ def compute_importance(method: str, model, loader, ctx: RunContext) -> torch.Ten
     raise RunError(f"unknown method {method}")
 
 
-def _importance_key(prep: Prepared, method: str, model) -> str:
+def compute_neuron_importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
+    """Feed-forward neuron importance ``[layers, neurons]`` of ``model`` by ``method`` (one of
+    :data:`prune_attattr.registry.NEURON_METHODS`; AttAttr's settings as the head method's; Taylor
+    without per-layer normalisation, so that one budget can rank heads and neurons)."""
+    r = ctx.recipe
+    a = r.importance.attattr
+    _, neurons = imp.unit_importance(
+        method, model, loader, ctx.accelerator, units="neurons", steps=a.steps, target=a.target, mode=a.mode,
+        quadrature=a.quadrature, metrics=ctx.metrics, seed=r.seed, max_tokens_per_forward=r.importance.max_tokens_per_forward,
+    )
+    return neurons
+
+
+def _importance_key(prep: Prepared, method: str, model, unit: str = "heads") -> str:
     r = prep.ctx.recipe
     # every importance setting but the method list (adding a method keeps the others' entries); the
     # examples enter through their tokens
     settings = r.importance.model_dump(exclude={"methods"} if method == "attattr" else {"methods", "attattr"})
     settings.update(metrics=prep.ctx.metrics, seed=r.seed)
-    return digest("importance", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, pruned_key(model))
+    kind = "importance" if unit == "heads" else "neuron importance"
+    return digest(kind, STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, pruned_key(model))
 
 
-def cached_importance(prep: Prepared, method: str, model=None) -> tuple[torch.Tensor, bool]:
-    """``(scores [layers, heads], reused)`` of ``method`` on ``model`` (default: the prepared model),
+def cached_importance(prep: Prepared, method: str, model=None, *, unit: str = "heads") -> tuple[torch.Tensor, bool]:
+    """``(scores, reused)`` of ``method`` on ``model`` (default: the prepared model): head scores
+    ``[layers, heads]`` (``unit="heads"``) or neuron scores ``[layers, neurons]`` (``unit="neurons"``),
     from the stage cache when the same model, examples and settings were scored before."""
     model = prep.model if model is None else model
     ctx = prep.ctx
-    key = _importance_key(prep, method, model)
+    key = _importance_key(prep, method, model, unit)
     hit = ctx.cached(key)
     if hit is not None:
         return torch.tensor(hit, dtype=torch.float32), True
-    scores = compute_importance(method, model, prep.imp_loader, ctx)
+    compute = compute_importance if unit == "heads" else compute_neuron_importance
+    scores = compute(method, model, prep.imp_loader, ctx)
     ctx.store(key, scores.tolist())
     return scores, False
 
@@ -73,6 +102,29 @@ def importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
         name = f"importance: {method}"
         with ctx.stage(name):
             scores[method], reused = cached_importance(prep, method)
+        if reused:
+            ctx.reused.append(name)
+            ctx.print("   reused from cache")
+    return scores
+
+
+def neuron_methods(recipe) -> list[str]:
+    """The methods of ``importance.methods`` whose neurons are scored: those that score neurons, when
+    ``pruning.units`` or ``pruning.compare_units`` prunes neurons (none otherwise)."""
+    p = recipe.pruning
+    if not p.enabled or all(u == "heads" for u in [p.units, *p.compare_units]):
+        return []
+    return [m for m in recipe.importance.methods if m in NEURON_METHODS]
+
+
+def neuron_importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Feed-forward neuron importance ``[layers, neurons]`` per method of :func:`neuron_methods` (each cached)."""
+    ctx = prep.ctx
+    scores: dict[str, torch.Tensor] = {}
+    for method in neuron_methods(ctx.recipe):
+        name = f"neuron importance: {method}"
+        with ctx.stage(name):
+            scores[method], reused = cached_importance(prep, method, unit="neurons")
         if reused:
             ctx.reused.append(name)
             ctx.print("   reused from cache")

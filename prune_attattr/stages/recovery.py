@@ -22,15 +22,18 @@ import torch
 from ..budget import search_budget
 from ..cache import digest, encoded_digest, tensors_digest
 from ..config import Recipe
-from ..cost import flops_per_token
+from ..cost import flops_per_token, unit_flops
 from ..errors import RunError
 from ..evaluation import evaluate_model
-from ..models import num_heads_total
-from ..pruning import count_parameters, prune_heads, pruned_heads_of
+from ..flops_curve import flops_fraction
+from ..models import kept_neurons, num_heads_total
+from ..neuron_pruning import prune_units, pruned_neurons_of
+from ..pruning import count_parameters, pruned_heads_of
 from ..recovery import recover, recovery_dataloader, teacher_logits
-from ..tasks import Encoded, encode, load_task_data
-from .context import STAGE_CACHE_VERSION, Prepared, pruned_key
-from .export import ExportChoice, exact_heads_target, example_batches, latency_feeds, measure_latency, within_budget
+from ..rescale import least_squares
+from ..tasks import Encoded, encode, load_task_data, make_dataloader
+from .context import STAGE_CACHE_VERSION, Prepared, mean_length, pruned_key
+from .export import ExportChoice, example_batches, export_target, latency_feeds, measure_latency, within_budget
 from .prepare import split_train
 
 __all__ = ["recovery_train_set", "RecoveryState", "model_cost", "Recovered", "recovery_stage"]
@@ -70,7 +73,7 @@ class RecoveryState:
         r, ctx = prep.ctx.recipe, prep.ctx
         self.train = recovery_train_set(r, ctx.tokenizer)
         self.loader = recovery_dataloader(self.train, batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed)
-        distil = r.recovery.alpha > 0
+        distil = r.recovery.alpha > 0 and r.recovery.mode == "distill"
         # the batches (and so the padding) follow the examples, the batch size and the seed
         key = digest("teacher logits", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(self.train), r.recovery.batch_size, r.seed)
         hit = ctx.cached_tensors(key) if distil else None
@@ -101,14 +104,17 @@ def _candidate_key(prep: Prepared, state: RecoveryState, student: torch.nn.Modul
 
 
 def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
-    """Heads kept, parameters, analytic FLOPs per token at the latency inputs' length
-    (:func:`prune_attattr.cost.flops_per_token`), and (``export.onnx``, main process) the ONNX Runtime
-    median latency in ms of one call on ``feeds``."""
+    """Heads and neurons kept, parameters, analytic FLOPs per token at the latency inputs' length
+    (:func:`prune_attattr.cost.flops_per_token`), the FLOPs fraction kept at the dev split's mean length
+    (the curves' axis), and (``export.onnx``, main process) the ONNX Runtime median latency in ms of one
+    call on ``feeds``."""
     e = prep.ctx.recipe.export
     seq = int(feeds["input_ids"].shape[1])
     flops = flops_per_token(model, seq)
     out = {
         "heads_kept": num_heads_total(model) - sum(len(v) for v in pruned_heads_of(model).values()),
+        "neurons_kept": sum(len(n) for n in kept_neurons(model)),
+        "flops_fraction": flops_fraction(model, unit_flops(prep.model, mean_length(prep.dev_enc))),
         "parameters": count_parameters(model),
         "seq_len": seq,
         "attention_flops_per_token": flops["attention"],
