@@ -1,4 +1,5 @@
-"""Export by budget after recovery: the most pruned curve step whose *recovered* metric stays within budget.
+"""Export by budget after recovery: the most pruned curve step whose *recovered* metric stays within budget
+(steps sized by heads kept, or by FLOPs kept when neurons are pruned too).
 
 Recovering a candidate costs a training run, so the steps are searched, not all recovered. The
 search assumes that the recovered metric does not rise as heads are removed (true of the curves
@@ -18,10 +19,11 @@ __all__ = ["Trial", "BudgetChoice", "search_budget"]
 
 @dataclass
 class Trial:
-    """One recovered candidate: curve step ``index`` and its recovered metric (fraction in [0, 1])."""
+    """One recovered candidate: curve step ``index``, its size (heads kept or FLOPs fraction kept) and its
+    recovered metric (fraction in [0, 1])."""
 
     index: int
-    heads_kept: int
+    size: float
     metric: float
     within: bool
 
@@ -39,7 +41,7 @@ class BudgetChoice:
 
 
 def search_budget(
-    heads_kept: Sequence[int],
+    sizes: Sequence[float],
     floor: float,
     recovered_metric: Callable[[int], float],
     *,
@@ -48,7 +50,8 @@ def search_budget(
     """Most pruned step whose recovered metric is ``>= floor``, by binary search over the steps.
 
     Args:
-        heads_kept: heads kept per curve step, strictly decreasing (step 0 = least pruned).
+        sizes: the size of each curve step (heads kept, or FLOPs fraction kept), strictly decreasing
+            (step 0 = least pruned).
         floor: the lowest acceptable metric (unpruned metric minus ``export.max_drop``).
         recovered_metric: step index -> metric of that step after recovery (a training run; called
             at most once per index).
@@ -62,13 +65,13 @@ def search_budget(
         trial says ``within=False``; the caller reports it).
 
     Raises:
-        ValueError: ``heads_kept`` empty or not strictly decreasing, ``known_within`` out of range.
+        ValueError: ``sizes`` empty or not strictly decreasing, ``known_within`` out of range.
     """
-    n = len(heads_kept)
+    n = len(sizes)
     if n == 0:
         raise ValueError("search_budget needs at least one curve step")
-    if any(a <= b for a, b in zip(heads_kept, heads_kept[1:])):
-        raise ValueError(f"heads_kept must decrease strictly along the curve, got {list(heads_kept)}")
+    if any(a <= b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"the steps' sizes must decrease strictly along the curve, got {list(sizes)}")
     if not 0 <= known_within < n:
         raise ValueError(f"known_within {known_within} is not a step index (0..{n - 1})")
     trials: dict[int, Trial] = {}
@@ -77,7 +80,7 @@ def search_budget(
     def ok(i: int) -> bool:
         if i not in trials:
             m = float(recovered_metric(i))
-            trials[i] = Trial(i, int(heads_kept[i]), m, m >= floor - 1e-12)
+            trials[i] = Trial(i, float(sizes[i]), m, m >= floor - 1e-12)
             order.append(i)
         return trials[i].within
 

@@ -260,16 +260,16 @@ def export_refusal(recipe, chance: dict | None) -> str | None:
     """Why the ``export.max_drop`` rule refuses to choose, or None: the unpruned model is at chance.
 
     "Within ``max_drop`` of a model at chance" holds for any pruned model, so the rule would export a
-    head count as if it were a result. An explicit ``export.heads`` still exports (the user asked for
-    that count); a run without export only warns. The pipeline then writes a report without export
+    head count as if it were a result. An explicit ``export.heads`` or ``export.flops`` still exports (the
+    user asked for that size); a run without export only warns. The pipeline then writes a report without export
     (baseline and the warning, no curves) and ends with this line (exit 2).
     """
     e = recipe.export
-    if chance is None or not chance["at_chance"] or not e.enabled or e.heads is not None:
+    if chance is None or not chance["at_chance"] or not e.enabled or e.heads is not None or e.flops is not None:
         return None
     return (
         _chance_figures(chance)
         + "; export.max_drop has nothing to choose from, so nothing is exported. Fine-tune the model until it learns the task "
         "(finetune.enabled, more finetune.epochs or finetune.train_examples, another finetune.learning_rate), or set export.heads "
-        "to export a head count anyway"
+        "(or export.flops) to export a model of that size anyway"
     )

@@ -220,12 +220,16 @@ class ExportSettings(_Strict):
 
         export: {method: attattr, max_drop: 0.01}   # most pruned step within 1 point of unpruned
         export: {method: attattr, heads: 36}        # exactly 36 heads kept
+        export: {method: attattr, flops: 0.5}       # half the FLOPs per token (pruning.units both)
     """
 
     enabled: bool = True
     method: str = "attattr"
     max_drop: float | None = Field(0.01, ge=0, le=1, description="allowed metric drop (fraction, e.g. 0.01 = 1 point)")
-    heads: int | None = Field(None, ge=0, description="keep exactly this many heads instead of max_drop")
+    heads: int | None = Field(None, ge=0, description="keep exactly this many heads instead of max_drop (pruning.units heads)")
+    flops: float | None = Field(
+        None, gt=0, le=1, description="keep at most this fraction of the unpruned FLOPs per token instead of max_drop: the best model at that cost"
+    )
     onnx: bool = True
     onnx_opset: int = Field(18, ge=14)
     latency_batch: int = Field(16, ge=1)
@@ -472,8 +476,13 @@ class Recipe(_Strict):
             raise ValueError("analyses.tree.enabled needs analyses.tree.examples (a list of {text, pair})")
         if a.universality.enabled and len(a.universality.sets) < 2:
             raise ValueError("analyses.universality.enabled needs at least 2 analyses.universality.sets")
-        if self.export.enabled and self.export.heads is None and self.export.max_drop is None:
-            raise ValueError("export needs export.max_drop or export.heads (heads wins when both are set)")
+        e = self.export
+        if e.enabled and e.heads is None and e.flops is None and e.max_drop is None:
+            raise ValueError("export needs export.max_drop, export.flops or export.heads")
+        if e.heads is not None and e.flops is not None:
+            raise ValueError("export.heads and export.flops both choose the exported model: set one of them")
+        if e.heads is not None and self.pruning.units != "heads":
+            raise ValueError(f"export.heads counts heads only; with pruning.units '{self.pruning.units}' use export.flops")
         self._recovery_checks()
         return self
 

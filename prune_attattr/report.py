@@ -16,6 +16,8 @@ __all__ = [
     "write_json",
     "write_markdown",
     "write_plot",
+    "write_neuron_heatmaps",
+    "by_flops",
     "recovery_markdown",
     "recovery_table",
     "write_tradeoff_plot",
@@ -31,33 +33,56 @@ __all__ = [
     "plot_triggers",
 ]
 
-MARKERS = {"attattr": "A", "taylor": "T", "accuracy_difference": "D", "attention": "S", "random": "R"}
+MARKERS = {"attattr": "A", "taylor": "T", "fisher": "F", "accuracy_difference": "D", "attention": "S", "random": "R"}
 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _grid(report: dict) -> tuple[list[int], dict[str, dict[int, float]]]:
+def by_flops(report: dict) -> bool:
+    """Whether the report's curves are on the FLOPs axis (``pruning.units`` neurons or both) rather than
+    heads kept (the paper's curves)."""
+    return (report.get("recipe") or {}).get("pruning", {}).get("units", "heads") != "heads"
+
+
+def _x(report: dict, step: dict):
+    """A step's position on the report's axis: heads kept, or the FLOPs budget (fraction) it was pruned to."""
+    if not by_flops(report):
+        return step["heads_kept"]
+    return round(step["budget"] if step.get("budget") is not None else step["flops_fraction"], 4)
+
+
+def _axis_label(report: dict) -> str:
+    return "FLOPs kept (%)" if by_flops(report) else "heads kept"
+
+
+def _row_label(report: dict, x) -> str:
+    return f"{100 * x:.0f}%" if by_flops(report) else f"{x}/{report['total_heads']}"
+
+
+def _grid(report: dict) -> tuple[list, dict[str, dict]]:
     metric = report["primary_metric"]
-    by_method = {m: {s["heads_kept"]: s["metrics"][metric] for s in steps} for m, steps in report["curves"].items()}
+    by_method = {m: {_x(report, s): s["metrics"][metric] for s in steps} for m, steps in report["curves"].items()}
     kept = sorted({k for v in by_method.values() for k in v}, reverse=True)
     return kept, by_method
 
 
 def curves_table(report: dict):
-    """A rich Table: one row per number of heads kept, one column per method (metric in %)."""
+    """A rich Table: one row per step (heads kept, or FLOPs kept), one column per curve (metric in %)."""
     from rich.table import Table
 
     kept, by_method = _grid(report)
     total = report["total_heads"]
-    table = Table(title=f"{report['primary_metric']} (%) on {report['eval_split']} vs heads kept", show_lines=False)
-    table.add_column("heads kept", justify="right")
-    table.add_column("% heads", justify="right")
+    flops = by_flops(report)
+    table = Table(title=f"{report['primary_metric']} (%) on {report['eval_split']} vs {_axis_label(report)}", show_lines=False)
+    table.add_column(_axis_label(report), justify="right")
+    if not flops:
+        table.add_column("% heads", justify="right")
     for m in by_method:
         table.add_column(m, justify="right")
     for k in kept:
-        row = [str(k), f"{100 * k / total:.0f}"]
+        row = [_row_label(report, k) if flops else str(k)] + ([] if flops else [f"{100 * k / total:.0f}"])
         best = max((v[k] for v in by_method.values() if k in v), default=None)
         for v in by_method.values():
             cell = _pct(v.get(k))
@@ -67,18 +92,24 @@ def curves_table(report: dict):
 
 
 def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
-    """A text chart of metric (%) versus heads kept, one letter per method (legend below)."""
+    """A text chart of metric (%) versus heads kept (or FLOPs kept), one letter per curve (legend below)."""
     kept, by_method = _grid(report)
-    total = report["total_heads"]
+    flops = by_flops(report)
+    hi_x = 1.0 if flops else report["total_heads"]
+    lo_x = min(kept) if flops and kept else 0
     values = [v for d in by_method.values() for v in d.values()]
     lo, hi = min(values), max(values)
     if hi - lo < 1e-9:
         hi = lo + 0.01
     canvas = [[" "] * width for _ in range(height)]
+    marks = {}
     for method, d in by_method.items():
         mark = MARKERS.get(method, method[0].upper())
+        if mark in marks.values():
+            mark = next((c for c in method.upper() + "0123456789" if c.isalnum() and c not in marks.values()), "?")
+        marks[method] = mark
         for k, v in d.items():
-            x = round((total - k) / total * (width - 1))
+            x = round((hi_x - k) / max(hi_x - lo_x, 1e-9) * (width - 1))
             y = round((hi - v) / (hi - lo) * (height - 1))
             canvas[y][x] = mark if canvas[y][x] in (" ", mark) else "*"
     lines = []
@@ -86,8 +117,9 @@ def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
         label = hi - (hi - lo) * i / (height - 1)
         lines.append(f"{100 * label:6.1f} |{''.join(row)}")
     lines.append(" " * 7 + "+" + "-" * width)
-    lines.append(" " * 8 + f"{total} heads kept".ljust(width - 6) + "0")
-    items = [f"{MARKERS.get(m, m[0].upper())}={m}" for m in by_method] + ["*=several"]
+    left, right = ("100% FLOPs kept", f"{100 * lo_x:.0f}%") if flops else (f"{hi_x} heads kept", "0")
+    lines.append(" " * 8 + left.ljust(width - len(right)) + right)
+    items = [f"{marks[m]}={m}" for m in by_method] + ["*=several"]
     row = ""
     for item in items:
         if row and len(row) + len(item) + 2 > width:
@@ -96,9 +128,6 @@ def terminal_chart(report: dict, width: int = 61, height: int = 15) -> str:
         row += item + ", "
     lines.append(" " * 8 + row.rstrip(", "))
     return "\n".join(lines)
-
-
-# ---- chance level (issue 17): a model that learned nothing is said so everywhere ---------------
 
 
 def chance_warning(chance: dict | None) -> str | None:
@@ -126,11 +155,12 @@ def print_report(report: dict, console) -> None:
     from rich.panel import Panel
 
     console.print(curves_table(report))
-    console.print(Panel(terminal_chart(report), title=f"{report['primary_metric']} (%) vs heads kept", expand=False))
+    console.print(Panel(terminal_chart(report), title=f"{report['primary_metric']} (%) vs {_axis_label(report)}", expand=False))
     exp = report.get("export")
     if exp:
+        neurons = f", {exp['neurons_kept']} neurons, {100 * exp['flops_fraction']:.0f}% FLOPs" if exp.get("flops_fraction") is not None and by_flops(report) else ""
         console.print(
-            f"[bold]exported[/] {exp['method']} with {exp['heads_kept']}/{report['total_heads']} heads: "
+            f"[bold]exported[/] {exp['method']} with {exp['heads_kept']}/{report['total_heads']} heads{neurons}: "
             f"{report['primary_metric']} {_pct(exp['metrics'][report['primary_metric']])}% "
             f"(unpruned {_pct(report['baseline'][report['primary_metric']])}%), "
             f"{exp['parameters']:,} parameters, {exp['checkpoint_mb']:.1f} MB"
@@ -171,13 +201,21 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
     lines += ["", "## Time per stage (s)", "", "| stage | seconds |", "| --- | ---: |"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings"].items()]
     if by_method:
-        lines += ["", f"## {metric} (%) versus heads kept", ""]
+        axis = _axis_label(report)
+        lines += ["", f"## {metric} (%) versus {axis}", ""]
+        if by_flops(report):
+            lines += [
+                "FLOPs per token at the dev split's mean length (`prune_attattr.cost.unit_flops`), as a fraction of the "
+                "unpruned model's; heads and feed-forward neurons chosen together under each budget (`prune_attattr.search`). "
+                "Curves named `(heads)` prune heads only; accuracy_difference and attention score heads only.",
+                "",
+            ]
         if plot_name:
-            lines += [f"![{metric} vs heads kept]({plot_name})", ""]
-        lines.append("| heads kept | " + " | ".join(by_method) + " |")
+            lines += [f"![{metric} vs {axis}]({plot_name})", ""]
+        lines.append(f"| {axis} | " + " | ".join(by_method) + " |")
         lines.append("| ---: | " + " | ".join("---:" for _ in by_method) + " |")
         for k in kept:
-            lines.append(f"| {k}/{total} | " + " | ".join(_pct(v.get(k)) for v in by_method.values()) + " |")
+            lines.append(f"| {_row_label(report, k)} | " + " | ".join(_pct(v.get(k)) for v in by_method.values()) + " |")
     if report.get("export_refused"):
         lines += ["", "## Export", "", f"Nothing exported: {report['export_refused']}."]
     exp = report.get("export")
@@ -185,6 +223,13 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
         lines += ["", "## Export", ""]
         lines.append(f"- method `{exp['method']}`, rule: {exp['rule']}")
         lines.append(f"- heads kept {exp['heads_kept']}/{total}; pruned heads per layer: `{json.dumps(exp['pruned_heads'])}`")
+        if exp.get("pruned_neurons"):
+            lines.append(
+                f"- feed-forward neurons kept {exp['neurons_kept']}; pruned per layer: "
+                + ", ".join(f"layer {k}: {len(v)}" for k, v in exp["pruned_neurons"].items())
+            )
+        if exp.get("flops_fraction") is not None:
+            lines.append(f"- FLOPs per token: {100 * exp['flops_fraction']:.1f}% of the unpruned model's (dev mean length)")
         lines.append(f"- {metric}: {_pct(exp['metrics'][metric])}% (unpruned {_pct(report['baseline'][metric])}%)")
         lines.append(f"- parameters {exp['parameters']:,} (unpruned {report['baseline_parameters']:,}); checkpoint {exp['checkpoint_mb']:.1f} MB")
         lines.append(f"- reload max |logit diff|: {exp['reload_max_abs_diff']:.2e}")
@@ -203,21 +248,45 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
 
 
 def write_plot(report: dict, path: Path) -> None:
-    """PNG plot of metric (%) versus heads kept, all methods (matplotlib, Agg backend)."""
+    """PNG plot of metric (%) versus heads kept (or FLOPs kept, measured), all curves (matplotlib, Agg backend)."""
     plt = _plt()
-    kept, by_method = _grid(report)
+    metric = report["primary_metric"]
+    flops = by_flops(report)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method, d in by_method.items():
-        xs = sorted(d, reverse=True)
-        ax.plot(xs, [100 * d[x] for x in xs], marker="o", markersize=3.5, label=method)
-    ax.axhline(100 * report["baseline"][report["primary_metric"]], color="grey", lw=0.8, ls="--", label="unpruned")
-    ax.set_xlabel("heads kept")
-    ax.set_ylabel(f"{report['primary_metric']} (%)")
-    ax.set_title(f"{report['task']}: {report['primary_metric']} vs heads kept ({report['model_short']})")
+    for method, steps in report["curves"].items():
+        pts = sorted(((100 * s["flops_fraction"] if flops else s["heads_kept"]), 100 * s["metrics"][metric]) for s in steps)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3.5, label=method, ls="--" if "(" in method else "-")
+    ax.axhline(100 * report["baseline"][metric], color="grey", lw=0.8, ls="--", label="unpruned")
+    ax.set_xlabel("FLOPs per token kept (%)" if flops else "heads kept")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{report['task']}: {metric} vs {_axis_label(report)} ({report['model_short']})")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def write_neuron_heatmaps(report: dict, path: Path) -> bool:
+    """PNG of each method's feed-forward neuron importance, one row of panels per method: layers x neurons,
+    each layer's scores sorted in decreasing order (log scale where positive). False without neuron scores."""
+    scores = report.get("neuron_importance") or {}
+    if not scores:
+        return False
+    import numpy as np
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(scores), 1, figsize=(8, 1.4 + 1.2 * len(scores)), dpi=120, squeeze=False)
+    for ax, (method, table) in zip(axes[:, 0], scores.items()):
+        grid = -np.sort(-np.asarray(table, dtype=float), axis=1)
+        positive = grid > 0
+        shown = np.where(positive, np.log10(np.where(positive, grid, 1.0)), np.nan) if positive.all(axis=None) else grid
+        im = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{method}" + (" (log10)" if shown is not grid else ""), fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03)
+    axes[-1, 0].set_xlabel("neurons, sorted by importance within each layer")
+    _save(fig, path)
+    return True
 
 
 # ---- recovery (issue 10): cost and accuracy of the tried models, metric-versus-latency plot --------
@@ -234,12 +303,14 @@ def recovery_table(report: dict):
     rec = report["recovery"]
     metric = report["primary_metric"]
     table = Table(title=f"recovery: {metric} (%) and cost per model ({rec['schedule']} pruning)")
-    for col in ("model", "heads", "params", "attn MFLOP/tok", "total MFLOP/tok", "ONNX ms", "before", "after", "min"):
+    for col in ("model", "heads", "neurons", "FLOPs %", "params", "attn MFLOP/tok", "total MFLOP/tok", "ONNX ms", "before", "after", "min"):
         table.add_column(col, justify="right")
     for m in rec["models"]:
         table.add_row(
             m["label"] + (" (exported)" if m.get("exported") else ""),
             str(m["heads_kept"]),
+            str(m.get("neurons_kept", "-")),
+            f"{100 * m['flops_fraction']:.1f}" if m.get("flops_fraction") is not None else "-",
             f"{m['parameters'] / 1e6:.2f}M",
             _mflops(m["attention_flops_per_token"]),
             _mflops(m["total_flops_per_token"]),
@@ -259,14 +330,22 @@ def recovery_markdown(report: dict, plot_name: str | None = "tradeoff.png") -> l
     metric = report["primary_metric"]
     s = rec["settings"]
     lines = ["", "## Recovery", ""]
-    lines.append(
-        f"Pruned models fine-tuned on {rec['train_examples']} training examples (importance examples held out), "
-        f"{s['epochs']} epoch(s), lr {s['learning_rate']:g}, loss (1 - alpha) CE + alpha T^2 KL(teacher || student) "
-        f"with alpha {s['alpha']:g}, T {s['temperature']:g}; teacher = the unpruned model (logits computed once"
-        + (f", {rec['teacher_seconds']:.0f} s" if rec.get("teacher_seconds") is not None else "")
-        + f"). Pruning schedule: {rec['schedule']}."
-    )
-    lines.append(f"Candidates tried (heads kept, in order): {rec['tried_heads']}; exported: {rec['exported_heads']} heads.")
+    if s.get("mode") == "least_squares":
+        lines.append(
+            f"Pruned models recovered without training by least squares (Kwon et al. 2022): layer by layer, the kept heads' "
+            f"and neurons' scales that best reproduce the unpruned model's sublayer outputs on {s['least_squares_examples']} "
+            f"training examples, folded into the weights. Pruning schedule: {rec['schedule']}."
+        )
+    else:
+        lines.append(
+            f"Pruned models fine-tuned on {rec['train_examples']} training examples (importance examples held out), "
+            f"{s['epochs']} epoch(s), lr {s['learning_rate']:g}, loss (1 - alpha) CE + alpha T^2 KL(teacher || student) "
+            f"with alpha {s['alpha']:g}, T {s['temperature']:g}; teacher = the unpruned model (logits computed once"
+            + (f", {rec['teacher_seconds']:.0f} s" if rec.get("teacher_seconds") is not None else "")
+            + f"). Pruning schedule: {rec['schedule']}."
+        )
+    tried = ", ".join(m["label"] for m in rec["models"][1:])
+    lines.append(f"Candidates tried, in order: {tried}; exported: {next(m['label'] for m in rec['models'][1:] if m.get('exported'))}.")
     seq = rec["models"][0]["seq_len"]
     lines += [
         "",
@@ -276,22 +355,28 @@ def recovery_markdown(report: dict, plot_name: str | None = "tradeoff.png") -> l
     ]
     if plot_name and all(m.get("latency_ms") is not None for m in rec["models"]):
         lines += [f"![{metric} vs latency]({plot_name})", ""]
-    lines.append(f"| model | heads | parameters | attention MFLOP/token | total MFLOP/token | ONNX ms | {metric} before (%) | after recovery (%) | recovery min |")
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append(
+        f"| model | heads | neurons | FLOPs kept (%) | parameters | attention MFLOP/token | total MFLOP/token | ONNX ms | "
+        f"{metric} before (%) | after recovery (%) | recovery min |"
+    )
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in rec["models"]:
         lat = f"{m['latency_ms']:.2f}" if m.get("latency_ms") is not None else "-"
         mins = f"{m['recovery_minutes']:.1f}" if m.get("recovery_minutes") is not None else "-"
         name = m["label"] + (" **(exported)**" if m.get("exported") else "")
         lines.append(
-            f"| {name} | {m['heads_kept']} | {m['parameters']:,} | {_mflops(m['attention_flops_per_token'])} | "
+            f"| {name} | {m['heads_kept']} | {m.get('neurons_kept', '-')} | "
+            + (f"{100 * m['flops_fraction']:.1f}" if m.get("flops_fraction") is not None else "-")
+            + f" | {m['parameters']:,} | {_mflops(m['attention_flops_per_token'])} | "
             f"{_mflops(m['total_flops_per_token'])} | {lat} | {_pct(m['metric_before'])} | {_pct(m.get('metric_after'))} | {mins} |"
         )
     return lines
 
 
 def write_tradeoff_plot(report: dict, path: Path) -> bool:
-    """PNG of metric (%) versus measured ONNX latency (ms): the unpruned model and each recovered candidate,
-    before (hollow) and after (filled) recovery. Returns False (nothing written) without latencies."""
+    """PNG of metric (%) versus measured ONNX Runtime speed-up over the unpruned model, one point per model
+    the budget search tried, before (hollow) and after (filled) recovery; points, not joined (the order
+    in which the search tried them means nothing). Returns False (nothing written) without latencies."""
     rec = report.get("recovery")
     if not rec or not all(m.get("latency_ms") is not None for m in rec["models"]):
         return False
@@ -299,20 +384,20 @@ def write_tradeoff_plot(report: dict, path: Path) -> bool:
     metric = report["primary_metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     base = rec["models"][0]
-    ax.scatter([base["latency_ms"]], [100 * base["metric_before"]], color="black", marker="s", label="unpruned")
-    cands = sorted(rec["models"][1:], key=lambda m: m["latency_ms"])
-    xs = [m["latency_ms"] for m in cands]
-    ax.plot(xs, [100 * m["metric_before"] for m in cands], ls=":", marker="o", mfc="none", color="tab:blue", label="pruned, before recovery")
-    ax.plot(xs, [100 * m["metric_after"] for m in cands], ls="-", marker="o", color="tab:blue", label="after recovery")
-    for m in cands:
-        ax.annotate(f"{m['heads_kept']}h" + (" (exported)" if m.get("exported") else ""), (m["latency_ms"], 100 * m["metric_after"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([1.0], [100 * base["metric_before"]], color="black", marker="s", label="unpruned")
+    cands = rec["models"][1:]
+    speed = [base["latency_ms"] / m["latency_ms"] for m in cands]
+    ax.scatter(speed, [100 * m["metric_before"] for m in cands], facecolors="none", edgecolors="tab:blue", label="pruned, before recovery")
+    ax.scatter(speed, [100 * m["metric_after"] for m in cands], color="tab:blue", label="after recovery")
+    for x, m in zip(speed, cands):
+        ax.annotate(m["label"] + (" (exported)" if m.get("exported") else ""), (x, 100 * m["metric_after"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(100 * base["metric_before"], color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(f"ONNX Runtime latency (ms per batch of {rec['latency_batch']})")
+    ax.set_xlabel(f"ONNX Runtime speed-up over the unpruned model (batch {rec['latency_batch']}, one measurement each)")
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{report['task']}: {metric} vs latency ({report['model_short']})")
+    ax.set_title(f"{report['task']}: {metric} vs speed-up ({report['model_short']})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     _save(fig, path)
     return True
 

@@ -229,13 +229,15 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
     return info
 
 
-def export_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None, choice: ExportChoice | None = None) -> dict | None:
+def export_stage(
+    prep: Prepared, scores: dict, curves: dict, baseline: dict, tmp: Path | None, choice: ExportChoice | None = None, neuron_scores: dict | None = None
+) -> dict | None:
     """:func:`choose_export` (unless ``choice`` is given: the recovered model of
     :func:`prune_attattr.stages.recovery.recovery_stage`) on every process, then :func:`save_export` on
     the main process (``tmp``)."""
     ctx = prep.ctx
     with ctx.stage("export"):
-        choice = choice if choice is not None else choose_export(prep, scores, curves, baseline)
+        choice = choice if choice is not None else choose_export(prep, scores, curves, baseline, neuron_scores)
         if ctx.accelerator.is_main_process:
             return save_export(prep, choice, tmp)
         return choice.info(num_heads_total(prep.model))

@@ -134,18 +134,37 @@ class Recovered:
     report: dict
 
 
-def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, state: RecoveryState) -> Recovered:
+def _least_squares(prep: Prepared, state: RecoveryState, student: torch.nn.Module) -> dict:
+    """``recovery.mode: least_squares``: Kwon et al. 2022's layer-wise rescaling of ``student``'s kept
+    heads and neurons (:func:`prune_attattr.rescale.least_squares`, teacher the unpruned model), fitted
+    on the first ``recovery.least_squares_examples`` recovery examples, each process its share."""
+    ctx, r = prep.ctx, prep.ctx.recipe
+    n = min(r.recovery.least_squares_examples, len(state.train))
+    acc = ctx.accelerator
+    batches = [
+        {k: v.to(acc.device) for k, v in b.items() if k != "labels"}
+        for i, b in enumerate(make_dataloader(state.train.subset(range(n)), batch_size=r.recovery.batch_size, pad_id=ctx.pad_id))
+        if i % acc.num_processes == acc.process_index
+    ]
+    result = least_squares(student, batches, teacher=prep.model, accelerator=acc)
+    student.eval()
+    return {"mode": "least_squares", "seconds": result.seconds, "examples": n, "tokens": result.tokens, "skipped": list(result.skipped)}
+
+
+def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, state: RecoveryState, neuron_scores: dict | None = None) -> Recovered:
     """Stage "recovery": recover export candidates and pick the one ``export`` asks for, judged after recovery.
 
-    ``export.heads``: recovers that step. ``export.max_drop``: :func:`prune_attattr.budget.search_budget`
-    over ``curves[export.method]``, starting above the most pruned step within budget before recovery;
+    ``export.heads`` / ``export.flops``: recovers that model. ``export.max_drop``:
+    :func:`prune_attattr.budget.search_budget` over ``curves[export.method]`` (steps ordered by falling
+    cost: heads kept, or FLOPs kept), starting above the most pruned step within budget before recovery;
     each candidate tried is a copy of the pruned model (of its briefly recovered model with
-    ``pruning.schedule: iterative``) trained by :func:`prune_attattr.recovery.recover`. Runs on every
+    ``pruning.schedule: iterative``) recovered by ``recovery.mode``: distillation
+    (:func:`prune_attattr.recovery.recover`) or least squares (:func:`_least_squares`). Runs on every
     process. The unpruned model and every tried one get their cost (:func:`model_cost`) and metric
     before/after recovery in the report.
 
     Raises:
-        RunError: ``export.heads`` above the model's head count.
+        RunError: ``export.heads`` above the model's head count, an ``export.flops`` the units cannot reach.
     """
     from accelerate.utils import set_seed
 
@@ -153,27 +172,34 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     e, rec = r.export, r.recovery
     metric = ctx.metrics[0]
     model = prep.model
-    total = num_heads_total(model)
     curve = curves[e.method]
+    by_flops = r.pruning.units != "heads"
     models: dict[int, torch.nn.Module] = {}
     infos: dict[int, dict] = {}
-    with ctx.stage("recovery"):
+    with ctx.stage(f"recovery ({rec.mode})"):
         state.ensure(prep)
 
         counts = {"tried": 0, "reused": 0}
 
-        def start_model(i: int, pruned: dict, on_curve: bool) -> tuple[torch.nn.Module, bool]:
+        def start_model(i: int, pruned: dict, neurons: dict, on_curve: bool) -> tuple[torch.nn.Module, bool]:
             """The pruned model candidate ``i`` recovers from, and whether it is an iterative snapshot's."""
             snaps = state.snapshots if on_curve else {}  # a step off the curve starts from the unpruned model
             if i in snaps:
                 return copy.deepcopy(snaps[i]), True
             base = snaps[i - 1] if i - 1 in snaps else model
-            return prune_heads(copy.deepcopy(base), {int(k): v for k, v in pruned.items()}), base is not model
+            heads = {int(k): v for k, v in pruned.items()}
+            return prune_units(copy.deepcopy(base), heads=heads, neurons={int(k): v for k, v in neurons.items()}), base is not model
 
-        def recovered_metric(i: int, pruned: dict | None = None) -> float:
-            on_curve = pruned is None
-            pruned = curve[i].pruned_heads if on_curve else pruned
-            student, from_snapshot = start_model(i, pruned, on_curve)
+        def describe(m: torch.nn.Module) -> str:
+            heads = num_heads_total(model) - sum(len(v) for v in pruned_heads_of(m).values())
+            if not by_flops:
+                return f"{heads} heads"
+            return f"{heads} heads, {sum(len(n) for n in kept_neurons(m))} neurons"
+
+        def recovered_metric(i: int, off_curve: tuple[dict, dict] | None = None) -> float:
+            on_curve = off_curve is None
+            pruned, neurons = (curve[i].pruned_heads, curve[i].pruned_neurons) if on_curve else off_curve
+            student, from_snapshot = start_model(i, pruned, neurons, on_curve)
             key = _candidate_key(prep, state, student, from_snapshot)
             hit = ctx.cached_tensors(key)
             counts["tried"] += 1
@@ -185,37 +211,42 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
             else:
                 before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
                 set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
-                info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
+                if rec.mode == "least_squares":
+                    info = _least_squares(prep, state, student)
+                else:
+                    info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
                 after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
                 found = {"before": before, "after": after, "recovery": info}
                 ctx.store(key, found, student.state_dict())
             models[i], infos[i] = student, found
             before, after, info = found["before"], found["after"], found["recovery"]
             ctx.print(
-                f"   recovered {e.method} with {total - sum(len(v) for v in pruned.values())} heads: {metric} "
+                f"   recovered {e.method} with {describe(student)}: {metric} "
                 f"{100 * before[metric]:.2f}% -> {100 * after[metric]:.2f}% ({info['seconds'] / 60:.1f} min"
                 + (", reused)" if hit is not None else ")")
             )
             return after[metric]
 
-        kept = [s.heads_kept for s in curve]
-        if e.heads is not None:
-            index, pruned = exact_heads_target(prep, scores[e.method], curve)
+        sizes = [s.flops_fraction if by_flops else s.heads_kept for s in curve]
+        if e.heads is not None or e.flops is not None:
+            index, pruned, neurons, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
             if index is not None:
                 recovered_metric(index)
             else:
-                index = len(curve)  # a step off the curve
-                recovered_metric(index, pruned)
+                index = len(curve)  # a model off the curve
+                recovered_metric(index, (pruned, neurons))
             tried = [index]
-            rule = f"exactly {e.heads} heads kept, after recovery"
+            rule += ", after recovery"
         else:
             floor = baseline[metric] - e.max_drop
             within = within_budget(curve, metric, floor)
-            choice = search_budget(kept, floor, recovered_metric, known_within=max(within) if within else 0)
+            choice = search_budget(sizes, floor, recovered_metric, known_within=max(within) if within else 0)
             index, tried = choice.index, choice.tried
+            axis = "FLOPs kept (%)" if by_flops else "heads kept"
+            shown = [round(100 * sizes[i], 1) if by_flops else sizes[i] for i in tried]
             rule = (
                 f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points after recovery "
-                f"(binary search over the curve; heads kept of the steps tried: {[kept[i] for i in tried]})"
+                f"(binary search over the curve; {axis} of the steps tried: {shown})"
             )
             if infos[index]["after"][metric] < floor - 1e-12:
                 rule += "; no recovered step met the budget, the least pruned one tried is exported"
@@ -225,7 +256,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
         for i in tried:
             cost = model_cost(prep, models[i], feeds, example)
             rows.append({
-                "label": f"{cost['heads_kept']} heads",
+                "label": describe(models[i]) + (f" ({100 * cost['flops_fraction']:.0f}% FLOPs)" if by_flops else ""),
                 "exported": i == index,
                 "metric_before": infos[i]["before"][metric],
                 "metric_after": infos[i]["after"][metric],
@@ -235,6 +266,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     if counts["reused"]:
         ctx.reused.append(f"recovery ({counts['reused']}/{counts['tried']} candidates)")
     chosen = models[index]
+    exported = rows[1 + tried.index(index)]
     report = {
         "settings": rec.model_dump(mode="json"),
         "schedule": r.pruning.schedule,
@@ -242,8 +274,10 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
         "teacher_seconds": state.teacher_seconds,
         "latency_batch": int(feeds["input_ids"].shape[0]),
         "tried_heads": [row["heads_kept"] for row in rows[1:]],
-        "exported_heads": rows[1 + tried.index(index)]["heads_kept"],
+        "exported_heads": exported["heads_kept"],
         "models": rows,
     }
-    pruned = pruned_heads_of(chosen)
-    return Recovered(ExportChoice(e.method, rule, chosen, pruned, infos[index]["after"]), report)
+    choice = ExportChoice(
+        e.method, rule, chosen, pruned_heads_of(chosen), infos[index]["after"], pruned_neurons_of(chosen), exported["flops_fraction"]
+    )
+    return Recovered(choice, report)

@@ -22,8 +22,11 @@ from .context import Prepared
 __all__ = ["build_report", "write_outputs"]
 
 
-def build_report(prep: Prepared, baseline: dict, scores: dict, curves: dict, export_info: dict | None, analyses: dict, resolved: dict) -> dict:
-    """The report dict (written as ``report.json``)."""
+def build_report(
+    prep: Prepared, baseline: dict, scores: dict, curves: dict, export_info: dict | None, analyses: dict, resolved: dict,
+    neuron_scores: dict | None = None,
+) -> dict:
+    """The report dict (written as ``report.json``); ``neuron_scores``: method -> ``[layers, neurons]``."""
     ctx, r = prep.ctx, prep.ctx.recipe
     return {
         "run_name": r.run_name,
@@ -44,6 +47,7 @@ def build_report(prep: Prepared, baseline: dict, scores: dict, curves: dict, exp
         "reused": list(ctx.reused),
         "curves": {m: [s.to_dict() for s in c] for m, c in curves.items()},
         "importance": {m: s.tolist() for m, s in scores.items()},
+        "neuron_importance": {m: s.tolist() for m, s in (neuron_scores or {}).items()},
         "export": export_info,
         "analyses": analyses,
         "recipe": resolved,
@@ -52,13 +56,17 @@ def build_report(prep: Prepared, baseline: dict, scores: dict, curves: dict, exp
 
 def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | None = None) -> None:
     """Write recipe, importance, plot, Markdown and JSON into ``tmp``, then rename it to ``final`` (main process)."""
-    from ..report import print_report, write_json, write_markdown, write_plot
+    from ..report import print_report, write_json, write_markdown, write_neuron_heatmaps, write_plot
 
     resolved, curves = report["recipe"], report["curves"]
     (tmp / "recipe.yaml").write_text(
         (f"# resolved from {recipe_source}\n" if recipe_source else "") + yaml.safe_dump(resolved, sort_keys=False)
     )
-    (tmp / "importance.json").write_text(json.dumps(report["importance"], indent=1) + "\n")
+    importance = dict(report["importance"])
+    if report.get("neuron_importance"):  # heads as before, neurons beside them
+        importance = {"heads": importance, "neurons": report["neuron_importance"]}
+        write_neuron_heatmaps(report, tmp / "neuron_importance.png")
+    (tmp / "importance.json").write_text(json.dumps(importance, indent=1) + "\n")
     if curves:
         write_plot(report, tmp / "curves.png")
     write_markdown(report, tmp / "report.md", "curves.png" if curves else None)
