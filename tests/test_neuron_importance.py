@@ -109,7 +109,7 @@ def test_taylor_and_fisher_equal_per_example_autograd(kind, accelerator):
         g_neurons.append(torch.stack([(a * g).sum((0, 1)) for a, g in zip(acts, grads[layers:])]).detach())
     g_heads, g_neurons = torch.stack(g_heads), torch.stack(g_neurons)
     loader = _loader(batch, accelerator, batch_size=3)
-    taylor = imp.unit_importance("taylor", model, loader, accelerator, units="both", max_tokens_per_forward=20)
+    taylor = imp.unit_importance("taylor", model, loader, accelerator, units="both", max_tokens_per_forward=20, progress=False)
     fisher = imp.unit_importance("fisher", model, loader, accelerator, units="both")
     _close(taylor[0], g_heads.abs().sum(0))
     _close(taylor[1], g_neurons.abs().sum(0))

@@ -441,6 +441,7 @@ def unit_importance(
     seed: int = 0,
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
+    progress: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Head and neuron importance of one method: ``(heads [layers, heads] or None, neurons [layers, intermediate_size] or None)``.
 
@@ -458,7 +459,8 @@ def unit_importance(
     * ``accuracy_difference``, ``attention``: heads only; neurons None.
 
     ``steps``, ``target``, ``mode``, ``quadrature``, ``chunk_size`` are AttAttr's; ``metrics``
-    accuracy_difference's; ``max_tokens_per_forward`` and ``mixed_precision`` every method's.
+    accuracy_difference's; ``max_tokens_per_forward`` and ``mixed_precision`` every method's;
+    ``progress``: progress bars on the main process.
 
     Raises:
         ValueError: unknown ``method`` or ``units``, or ``units="neurons"`` with a head-only method.
@@ -473,16 +475,20 @@ def unit_importance(
             raise ValueError(f"importance method '{method}' scores heads only; use one of {list(NEURON_METHODS)} for neurons")
         want_neurons = False
     bound = {"max_tokens_per_forward": max_tokens_per_forward, "mixed_precision": mixed_precision}
+
+    def label(text):
+        return {"description": text if progress else None}
+
     heads = neurons = None
     if method == "attattr":
         ig = dict(steps=steps, target=target, mode=mode, quadrature=quadrature, **bound)
         if want_heads:
-            heads = attattr_importance(model, dataloader, accelerator, chunk_size=chunk_size, **ig)
+            heads = attattr_importance(model, dataloader, accelerator, chunk_size=chunk_size, **ig, **label("AttAttr importance"))
         if want_neurons:
-            neurons = attattr_neuron_importance(model, dataloader, accelerator, **ig)
+            neurons = attattr_neuron_importance(model, dataloader, accelerator, **ig, **label("AttAttr neuron importance"))
     elif method in ("taylor", "fisher"):
         gh, gn = mask_gradients(
-            model, dataloader, accelerator, heads=want_heads, neurons=want_neurons, description=f"{method} importance", **bound
+            model, dataloader, accelerator, heads=want_heads, neurons=want_neurons, **bound, **label(f"{method} importance ({units})")
         )
         reduce = (lambda g: g.abs().sum(0)) if method == "taylor" else (lambda g: g.pow(2).sum(0))
         heads = None if gh is None else reduce(gh)
@@ -493,7 +499,7 @@ def unit_importance(
         heads = random_importance(model, seed=seed) if want_heads else None
         neurons = random_neuron_importance(model, seed=seed) if want_neurons else None
     elif method == "accuracy_difference":
-        heads = accuracy_difference_importance(model, dataloader, accelerator, metrics=metrics, **bound)
+        heads = accuracy_difference_importance(model, dataloader, accelerator, metrics=metrics, **bound, **label("accuracy difference"))
     else:  # attention
-        heads = attention_importance(model, dataloader, accelerator, **bound)
+        heads = attention_importance(model, dataloader, accelerator, **bound, **label("attention-score importance"))
     return heads, neurons
