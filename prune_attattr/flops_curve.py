@@ -22,7 +22,20 @@ from .neuron_pruning import pruned_neurons_of, prune_units
 from .pruning import PruningStep, count_parameters, pruned_heads_of
 from .search import lowest_fraction, search_units
 
-__all__ = ["flops_fraction", "choose_units", "flops_curve"]
+__all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
+
+#: Methods whose head and neuron scores estimate one additive quantity (the loss change when the unit
+#: goes), which Kwon et al.'s search adds as they are; measured on the embedded MiniLM at 50% / 35% FLOPs
+#: (Fisher, docs/benchmarks.md): raw 85.21% / 81.31% against 84.06% / 79.47% cost-balanced.
+_ADDITIVE = ("fisher", "taylor")
+
+
+def balance_for(method: str) -> str:
+    """How :func:`prune_attattr.search.search_units` puts ``method``'s head and neuron scores on one scale:
+    ``"none"`` for Fisher and Taylor (both kinds estimate the loss change), ``"cost"`` for AttAttr (a head's
+    score is a max over ``T x T`` entries, a neuron's over ``T``: not additive across kinds) and random
+    (no unit at all); see :mod:`prune_attattr.search`."""
+    return "none" if method in _ADDITIVE else "cost"
 
 
 def flops_fraction(model: nn.Module, costs: UnitCosts) -> float:
@@ -34,7 +47,8 @@ def flops_fraction(model: nn.Module, costs: UnitCosts) -> float:
 
 
 def choose_units(
-    model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, costs: UnitCosts, budget: float, units: str
+    model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, costs: UnitCosts, budget: float, units: str,
+    balance: str = "cost",
 ):
     """The :class:`~prune_attattr.search.UnitChoice` of ``units`` (heads, neurons, both) within ``budget``
     (fraction of the unpruned FLOPs per token) for ``model`` (its pruned units stay pruned).
@@ -48,7 +62,7 @@ def choose_units(
         neuron_scores = torch.zeros(len(costs.neuron), costs.neurons_total)
     return search_units(
         head_scores, neuron_scores, costs.head, costs.neuron, costs.fixed, budget,
-        units=units, kept_heads=kept_heads(model), kept_neurons=kept_neurons(model),
+        units=units, kept_heads=kept_heads(model), kept_neurons=kept_neurons(model), balance=balance,
     )
 
 
@@ -61,6 +75,7 @@ def flops_curve(
     *,
     units: str,
     seq_len: float,
+    balance: str = "cost",
     on_step: Callable[[PruningStep], None] | None = None,
 ) -> list[PruningStep]:
     """Prune ``model`` (a copy per step) to each FLOPs fraction and evaluate it.
@@ -72,6 +87,7 @@ def flops_curve(
         evaluate_fn: model -> metrics (fractions in [0, 1]).
         units: ``heads``, ``neurons`` or ``both``.
         seq_len: tokens per sequence for the cost model (the dev split's mean length).
+        balance: how the search scales heads against neurons (:func:`balance_for`).
 
     Returns:
         One :class:`~prune_attattr.pruning.PruningStep` per reachable fraction, with ``budget``,
@@ -89,7 +105,7 @@ def flops_curve(
             continue
         work = copy.deepcopy(model)
         if budget < 1.0:
-            choice = choose_units(model, head_scores, neuron_scores, costs, budget, units)
+            choice = choose_units(model, head_scores, neuron_scores, costs, budget, units, balance)
             prune_units(work, heads=choice.pruned_heads, neurons=choice.pruned_neurons)
         metrics = evaluate_fn(work)
         pruned_h = pruned_heads_of(work)

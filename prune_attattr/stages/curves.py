@@ -20,7 +20,7 @@ import torch
 
 from ..cost import UnitCosts, unit_flops
 from ..evaluation import evaluate_model
-from ..flops_curve import flops_curve
+from ..flops_curve import balance_for, flops_curve
 from ..pruning import pruned_heads_of, pruning_curve
 from ..recovery import recover, recovery_dataloader
 from ..registry import NEURON_METHODS
@@ -68,8 +68,8 @@ def curves_stage(
     for method in r.importance.methods if r.pruning.enabled else []:
         for kind in [r.pruning.units, *r.pruning.compare_units]:
             units = curve_units(r, method, kind)
-            if units != kind and kind != r.pruning.units:
-                continue  # a head-only method has one curve, drawn for pruning.units
+            if method not in NEURON_METHODS and kind != r.pruning.units:
+                continue  # a head-only method has one curve (heads), drawn for pruning.units
             name = curve_name(r, method, kind)
             if r.pruning.units == "heads" and kind == "heads":  # the paper's curves: heads kept
                 curves[name] = _with_flops(_heads_curve(prep, method, scores, recovery), costs)
@@ -101,7 +101,7 @@ def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_s
     with ctx.stage(stage):
         steps = flops_curve(
             prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
-            units=units, seq_len=seq_len, on_step=show,
+            units=units, seq_len=seq_len, balance=balance_for(method), on_step=show,
         )
     if counts["reused"]:
         ctx.reused.append(f"{stage} ({counts['reused']}/{counts['steps']} steps)")

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RunError
 from ..cost import unit_flops
-from ..flops_curve import choose_units, flops_fraction
+from ..flops_curve import balance_for, choose_units, flops_fraction
 from ..models import forward_logits, input_names, kept_neurons, num_heads_total
 from ..neuron_pruning import prune_units
 from ..pruning import count_parameters, heads_to_prune
@@ -113,7 +113,8 @@ def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torc
         return index, {int(k): v for k, v in s.pruned_heads.items()}, {int(k): v for k, v in s.pruned_neurons.items()}, rule
     units = r.pruning.units if neuron_scores is not None else "heads"
     try:
-        choice = choose_units(prep.model, head_scores, neuron_scores, unit_flops(prep.model, mean_length(prep.dev_enc)), budget, units)
+        costs = unit_flops(prep.model, mean_length(prep.dev_enc))
+        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method))
     except SearchError as exc:
         raise RunError(f"export.flops {budget:g}: {exc}") from None
     return None, choice.pruned_heads, choice.pruned_neurons, rule
