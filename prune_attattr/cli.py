@@ -1,4 +1,7 @@
-"""Command line: ``prune-attattr RECIPE.yaml [--set key.sub=value ...] [--force] [--no-cache]``.
+"""Command line: ``prune-attattr RECIPE.yaml [--set key.sub=value ...] [--force] [--no-cache]``, and
+``prune-attattr bench exported/<run> [--threads N] [--sentences N] [--rounds N] [--json FILE]``, which
+re-times a finished run's ONNX graphs on this machine (:func:`prune_attattr.bench.bench_run`; it writes
+nothing but the ``--json`` file).
 
 A thin layer over :func:`prune_attattr.pipeline.run`: bad input ends with one line on stderr and
 exit code 2; Ctrl-C ends with exit code 130 and SIGTERM (``kill``, ``timeout``, SLURM, Kubernetes)
@@ -24,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="prune-attattr",
         description="Score attention heads with self-attention attribution (Hao et al. 2021) and the Michel et al. "
         "2019 baselines, prune them incrementally, report accuracy vs heads kept, export the pruned model.",
+        epilog="prune-attattr bench RUN_DIR [--threads N] [--json FILE]: re-time a finished run's ONNX graphs on this "
+        "machine (prune-attattr bench --help).",
     )
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key, e.g. --set importance.examples=100 (repeatable)")
@@ -36,6 +41,62 @@ def _parser() -> argparse.ArgumentParser:
         help="recompute the fine-tuning, importance scores and pruning steps even when cached (new results are still stored)",
     )
     return p
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prune-attattr bench",
+        description="Re-time a finished run's ONNX graphs (unpruned and pruned, float32 and int8) with ONNX Runtime "
+        "on this machine, at batch 1 and 16 on the run's dev sentences; prints a table, writes nothing but --json.",
+    )
+    p.add_argument("run", help="a finished run folder, e.g. exported/sst2")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the run's runtime.threads, else all cores)")
+    p.add_argument("--sentences", type=int, default=256, help="dev sentences timed (default 256)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported (default 5)")
+    p.add_argument("--json", dest="json_file", default=None, metavar="FILE", help="also write the figures to FILE as JSON")
+    return p
+
+
+def bench_main(argv: list[str]) -> int:
+    """``prune-attattr bench RUN``: print the deployment table of :func:`prune_attattr.bench.bench_run`.
+
+    The table is printed whole (never cut to the terminal's width) when stdout is not a terminal."""
+    args = _bench_parser().parse_args(argv)
+    for key in ("threads", "sentences", "rounds"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            print(f"prune-attattr bench: error: --{key} must be at least 1 (got {value})", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    _quiet_libraries()
+    import json
+
+    from rich.console import Console
+
+    from .bench import bench_run
+    from .errors import RunError
+    from .models import ModelError
+    from .report import deployment_table
+    from .tasks import DataError
+
+    try:
+        result = bench_run(args.run, threads=args.threads, sentences=args.sentences, rounds=args.rounds)
+    except (RunError, DataError, ModelError) as exc:
+        print(f"prune-attattr bench: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("prune-attattr bench: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    out = Console(width=None if sys.stdout.isatty() else 10_000)
+    out.print(deployment_table(result))
+    if args.json_file:
+        try:
+            with open(args.json_file, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+        except OSError as exc:
+            print(f"prune-attattr bench: error: cannot write --json {args.json_file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    return 0
 
 
 def _raise_terminated(signum, frame):
@@ -62,6 +123,9 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench" and not os.path.isfile("bench"):
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     from .config import RecipeError, load_recipe
 

@@ -221,6 +221,7 @@ class ExportSettings(_Strict):
         export: {method: attattr, max_drop: 0.01}   # most pruned step within 1 point of unpruned
         export: {method: attattr, heads: 36}        # exactly 36 heads kept
         export: {method: attattr, flops: 0.5}       # half the FLOPs per token (pruning.units both)
+        export: {method: attattr, max_drop: 0.01, quantize: int8}   # int8 ONNX, judged by its own dev metric
     """
 
     enabled: bool = True
@@ -234,6 +235,22 @@ class ExportSettings(_Strict):
     onnx_opset: int = Field(18, ge=14)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=1)
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: ONNX Runtime dynamic int8 quantization of the ONNX graph (onnx/model.onnx, judged by "
+        "max_drop on the whole dev split; float32 kept as onnx/model_fp32.onnx); none: float32 only",
+    )
+    reduce_range: bool = Field(
+        False, description="int8 with 7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate"
+    )
+
+    @model_validator(mode="after")
+    def _quantize(self) -> ExportSettings:
+        if self.quantize == "int8" and not self.onnx:
+            raise ValueError("export.quantize 'int8' quantizes the ONNX graph: set export.onnx true (or quantize 'none')")
+        if self.reduce_range and self.quantize != "int8":
+            raise ValueError("export.reduce_range applies to int8 weights only: set export.quantize 'int8' or drop reduce_range")
+        return self
 
 
 class RecoverySettings(_Strict):

@@ -31,6 +31,8 @@ __all__ = [
     "plot_connections",
     "plot_universality",
     "plot_triggers",
+    "deployment_table",
+    "deployment_markdown",
 ]
 
 MARKERS = {"attattr": "A", "taylor": "T", "fisher": "F", "accuracy_difference": "D", "attention": "S", "random": "R"}
@@ -400,6 +402,101 @@ def write_tradeoff_plot(report: dict, path: Path) -> bool:
     ax.legend(fontsize=8)
     _save(fig, path)
     return True
+
+
+# ---- deployment (issue 16): the shipped graphs timed side by side -------------------------------
+
+
+def _ms(row: dict, b: str) -> str:
+    v = row["ms"].get(b)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _times(row: dict, key: str, b: str | None = None) -> str:
+    v = row[key].get(b) if b is not None else row[key]
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the deployment table (shared by the rich and Markdown renderers)."""
+    sizes = [str(b) for b in bench.get("batch_sizes", [1, 16])]
+    ref_mb = bench["rows"][0]["mb"] if bench["rows"] else None
+    head = ["model", "file", f"{bench.get('metric') or 'metric'} (%)"]
+    for b in sizes:
+        head += [f"ms, batch {b}", f"speed-up, batch {b}"]
+    head += ["MB", "smaller"]
+    cells = []
+    for r in bench["rows"]:
+        row = [r["label"] + (" (deployed)" if r.get("deployed") else ""), r["file"], _pct(r.get("metric"))]
+        for b in sizes:
+            row += [_ms(r, b), _times(r, "speedup", b)]
+        mb = r.get("mb")
+        row += ["-" if mb is None else f"{mb:.1f}", "-" if not (mb and ref_mb) else f"{ref_mb / mb:.2f}x"]
+        cells.append(row)
+    return head, cells
+
+
+def _deployment_caption(bench: dict) -> str:
+    threads = bench.get("threads") or "all"
+    return (
+        f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads} thread(s); median over {bench.get('rounds')} alternating "
+        f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
+    )
+
+
+def deployment_table(bench: dict):
+    """A rich Table of the timed graphs (``deployment["bench"]`` of :func:`prune_attattr.deployment.deploy_run`,
+    or :func:`prune_attattr.bench.bench_run`'s result): per row the metric (%), median ms and speed-up at
+    each batch size, file size (MiB) and how many times smaller than the first row."""
+    from rich.table import Table
+
+    head, cells = _deployment_cells(bench)
+    table = Table(title="deployment: speed and size against the first row", caption=_deployment_caption(bench))
+    for i, col in enumerate(head):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for row in cells:
+        table.add_row(*row)
+    return table
+
+
+def deployment_markdown(deployment: dict) -> list[str]:
+    """``report.md`` lines of the deployment section: which file ships, the budget decision, the timing table.
+
+    ``deployment``: the report's ``export.deployment`` (:func:`prune_attattr.deployment.deploy_run`);
+    empty list when None.
+    """
+    if not deployment:
+        return []
+    bench, pruned = deployment["bench"], deployment["pruned"]
+    lines = ["", "## Deployment", ""]
+    q = pruned.get("quantization")
+    shipped = f"`onnx/{pruned['deployed']}` is {pruned['precision']}"
+    if pruned["files"].get("float32") and pruned["files"]["float32"] != pruned["deployed"]:
+        shipped += f"; the float32 graph is `onnx/{pruned['files']['float32']}`"
+    if q:
+        shipped += f" (int8: {q['method']}, weights {q['weights']}, activations {q['activations']})"
+    lines.append(f"- shipped: {shipped}")
+    fused = pruned["fusion"].get(pruned["precision"], {})
+    lines.append(
+        "- fused ONNX Runtime kernels: " + (", ".join(f"{k} x{v}" for k, v in fused.get("ops", {}).items()) or "none")
+        + (f" ({fused['note']})" if fused.get("note") else "")
+    )
+    if pruned.get("max_abs_diff_int8_vs_float32") is not None:
+        lines.append(f"- int8 max |logit diff| vs float32 on the check batches: {pruned['max_abs_diff_int8_vs_float32']:.3g}")
+    base = deployment.get("baseline") or {}
+    if deployment.get("floor") is not None:
+        lines.append(
+            f"- budget: {deployment['metric']} >= {_pct(deployment['floor'])}% (unpruned {_pct(base.get('value'))}%, {base.get('source')})"
+        )
+    if pruned.get("note"):
+        lines.append(f"- **{pruned['note']}**")
+    head, cells = _deployment_cells(bench)
+    lines += ["", _deployment_caption(bench) + ".", ""]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("| --- | --- | " + " | ".join("---:" for _ in head[2:]) + " |")
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    lines += ["", "Re-time on another machine: `prune-attattr bench <run folder>`."]
+    return lines
 
 
 # --- per-method settings ------------------------------------------------------------------------

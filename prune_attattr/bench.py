@@ -1,0 +1,260 @@
+"""Side-by-side ONNX Runtime timing of a run's models on real dev sentences, and their file sizes.
+
+:func:`time_models` times several graphs on the same batches: batch 1 (each sentence alone, as a
+server answering one request at a time) and batch 16 (consecutive sentences, padded to the longest).
+Every model first runs the whole batch set once untimed (warm-up: ONNX Runtime allocates per shape).
+Then, for each of ``rounds`` rounds, each batch is run by every model in turn, the order rotating from
+batch to batch and round to round, so that drift (other processes, frequency scaling, heat) hits all
+models alike; a model's figure for the round is its mean milliseconds per call over the batch set,
+and the reported figure is the median over rounds. Speed-up is the first (reference) row's
+milliseconds over the row's.
+
+:func:`bench_run` (``prune-attattr bench exported/<run>``) re-times a finished run on the current
+machine. A run folder's layout::
+
+    exported/<run>/
+        recipe.yaml, report.json           the resolved recipe (dev data, runtime.threads), the report
+        onnx/model.onnx                    the deployed pruned model (int8 when export.quantize int8 held the budget)
+        onnx/model_fp32.onnx               its float32 graph, when model.onnx is int8
+        onnx/model_int8.onnx               the int8 graph the budget rejected (model.onnx is then float32)
+        onnx/config.json, tokenizer files
+        unpruned/onnx/model.onnx, model_fp32.onnx, ...   the unpruned fine-tuned model, exported and
+                                           deployed the same way (no budget), when the run kept it
+
+Rows, in this order where the files exist: unpruned float32, unpruned int8, pruned float32, pruned
+int8; a file's precision is read from its graph (:func:`prune_attattr.quantize.graph_precision`),
+metrics from ``report.json`` (``export.deployment``, written by :func:`prune_attattr.deployment.deploy_run`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RunError
+
+__all__ = ["Candidate", "BATCH_SIZES", "feed_batches", "time_models", "folder_candidates", "candidates", "bench_run", "cpu_name"]
+
+BATCH_SIZES = (1, 16)
+PRECISIONS = ("float32", "int8")
+_FILES = ("model_fp32.onnx", "model.onnx", "model_int8.onnx")
+
+
+@dataclass
+class Candidate:
+    """One graph to time: ``label`` for the table, ``metric`` (fraction) if known, ``deployed`` if shipped."""
+
+    label: str
+    path: Path
+    metric: float | None = None
+    deployed: bool = False
+    precision: str | None = None  # None: read from the graph
+
+
+def feed_batches(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, batch_size: int, names: Sequence[str], max_length: int | None = None) -> list[dict]:
+    """Consecutive chunks of ``batch_size`` sentences (the last one may be shorter), tokenised as a user
+    would (:func:`prune_attattr.onnx_eval.tokenize`): ``[{name: int64 [B, T]}, ...]``."""
+    from .onnx_eval import tokenize
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        p = pairs[i : i + batch_size] if pairs is not None else None
+        out.append(tokenize(tokenizer, texts[i : i + batch_size], p, names, max_length))
+    return out
+
+
+def _rotated(n: int, k: int) -> list[int]:
+    return [(k + j) % n for j in range(n)]
+
+
+def time_models(
+    models: Sequence[Candidate],
+    texts: Sequence[str],
+    pairs: Sequence[str] | None = None,
+    *,
+    tokenizer=None,
+    threads: int | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    rounds: int = 5,
+    warmup: int = 1,
+    max_length: int | None = None,
+    session_factory: Callable | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict]:
+    """Time ``models`` side by side on ``texts`` (see the module docstring for the protocol).
+
+    Args:
+        tokenizer: default the one saved beside the first model.
+        threads: ONNX Runtime intra-op threads per session (None = all cores).
+        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`).
+
+    Returns:
+        One row per model, in order: ``{"label", "file", "precision", "metric", "deployed", "mb",
+        "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}}``; batch-size
+        keys are strings (JSON). ``mb`` is the file size in MiB (None when there is no file).
+
+    Raises:
+        ValueError: no models, no texts, or ``rounds`` < 1.
+    """
+    from .onnx_eval import load_folder_tokenizer
+    from .quantize import graph_precision, logits, session
+
+    if not models or not texts or rounds < 1:
+        raise ValueError("time_models needs at least one model, one text and one round")
+    factory = session_factory or session
+    tokenizer = tokenizer if tokenizer is not None else load_folder_tokenizer(Path(models[0].path).parent)
+    sessions = [factory(m.path, threads) for m in models]
+    names = list(dict.fromkeys(i.name for s in sessions for i in s.get_inputs()))
+    ms: list[dict[str, float]] = [{} for _ in models]
+    for b in batch_sizes:
+        batches = feed_batches(tokenizer, texts, pairs, b, names, max_length)
+        for _ in range(warmup):
+            for s in sessions:
+                for x in batches:
+                    logits(s, x)
+        per_round: list[list[float]] = [[] for _ in models]
+        for r in range(rounds):
+            total = [0.0] * len(models)
+            for j, x in enumerate(batches):
+                for m in _rotated(len(models), r + j):
+                    t = clock()
+                    logits(sessions[m], x)
+                    total[m] += clock() - t
+            for m in range(len(models)):
+                per_round[m].append(1000 * total[m] / len(batches))
+        for m in range(len(models)):
+            ms[m][str(b)] = float(np.median(per_round[m]))
+    rows = []
+    for m, c in enumerate(models):
+        path = Path(c.path)
+        rows.append(
+            {
+                "label": c.label,
+                "file": str(path),
+                "precision": c.precision or graph_precision(path),
+                "metric": c.metric,
+                "deployed": c.deployed,
+                "mb": path.stat().st_size / 2**20 if path.is_file() else None,
+                "ms": ms[m],
+                "speedup": {k: ms[0][k] / v for k, v in ms[m].items()},
+            }
+        )
+    return rows
+
+
+def folder_candidates(which: str, folder: str | Path, info: dict | None = None, metric: str | None = None) -> list[Candidate]:
+    """The graphs of one deployed ONNX folder, float32 first: labels ``"<which> float32"``/``"<which> int8"``.
+
+    ``info``: the folder's :func:`prune_attattr.quantize.deploy` dict (files and metrics); without it the
+    folder's ``model*.onnx`` files are found by name and their precision read from the graph.
+    """
+    from .quantize import graph_precision
+
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    if info is not None:
+        files = {k: folder / v for k, v in info["files"].items() if v}
+    else:
+        for name in _FILES:
+            if (folder / name).is_file():
+                files.setdefault(graph_precision(folder / name), folder / name)
+    out = []
+    for precision in PRECISIONS:
+        if precision in files:
+            value = ((info or {}).get("metrics") or {}).get(precision, {}).get(metric) if metric else None
+            path = files[precision]
+            deployed = which == "pruned" and path.name == "model.onnx"
+            out.append(Candidate(f"{which} {precision}", path, metric=value, deployed=deployed, precision=precision))
+    return out
+
+
+def candidates(run_dir: str | Path, deployment: dict | None = None, metric: str | None = None) -> list[Candidate]:
+    """The graphs of a run folder (layout in the module docstring): unpruned, then pruned (:func:`folder_candidates`).
+
+    ``deployment``: the report's ``export.deployment`` (files and metrics per model), optional.
+    """
+    run_dir = Path(run_dir)
+    out = []
+    for which, folder in (("unpruned", run_dir / "unpruned" / "onnx"), ("pruned", run_dir / "onnx")):
+        info = (deployment or {}).get(which)
+        if info is not None and not all((folder / v).is_file() for v in info["files"].values() if v):
+            info = None  # files moved or re-deployed since the report: trust the folder
+        out += folder_candidates(which, folder, info, metric)
+    return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere) and its core count."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int = 256, rounds: int = 5, batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
+    """Re-time a finished run's graphs on this machine (``prune-attattr bench exported/<run>``).
+
+    Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: default
+    the recipe's ``runtime.threads`` (None = all cores). Reads files only; writes nothing.
+
+    Returns:
+        ``{"run", "metric", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
+        :func:`time_models` gives them, file paths relative to ``run_dir``.
+
+    Raises:
+        RunError: ``run_dir`` is no run folder (no ``recipe.yaml``, no ``onnx/model.onnx``).
+        DataError: the recipe's dev data cannot be read here.
+    """
+    from .config import RecipeError, load_recipe
+    from .tasks import load_task_data
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "onnx" / "model.onnx").is_file():
+        raise RunError(f"{run_dir}: no onnx/model.onnx; give a finished run folder, e.g. exported/<run_name>")
+    try:
+        recipe = load_recipe(run_dir / "recipe.yaml")
+    except RecipeError as exc:
+        raise RunError(f"{run_dir}: cannot read the run's recipe.yaml ({exc})") from None
+    report = {}
+    if (run_dir / "report.json").is_file():
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    metric = report.get("primary_metric")
+    deployment = (report.get("export") or {}).get("deployment")
+    models = candidates(run_dir, deployment, metric)
+    _, dev, _, metrics = load_task_data(recipe)
+    metric = metric or metrics[0]
+    n = min(sentences, len(dev))
+    threads = threads if threads is not None else recipe.runtime.threads
+    rows = time_models(
+        models,
+        dev.texts[:n],
+        dev.pairs[:n] if dev.pairs is not None else None,
+        threads=threads,
+        batch_sizes=batch_sizes,
+        rounds=rounds,
+    )
+    for r in rows:
+        r["file"] = str(Path(r["file"]).relative_to(run_dir))
+    return {
+        "run": str(run_dir),
+        "metric": metric,
+        "cpu": cpu_name(),
+        "threads": threads,
+        "sentences": n,
+        "rounds": rounds,
+        "batch_sizes": list(batch_sizes),
+        "rows": rows,
+    }
