@@ -243,6 +243,7 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
                 f"{o['latency_unpruned']['median_ms']:.2f} ms unpruned ({o['speedup']:.2f}x)"
             )
         lines.append("- reload: `prune_attattr.load_pruned('model')`")
+        lines += deployment_markdown(exp.get("deployment"))
     lines += recovery_markdown(report, "tradeoff.png" if plot_name else None)
     if report.get("analyses"):
         lines += analyses_markdown(report["analyses"])

@@ -22,7 +22,7 @@ from ..evaluation import evaluate_model
 from ..progress import console
 from ..neuron_pruning import pruned_neurons_of
 from ..pruning import pruned_heads_of
-from ..tasks import Encoded, make_dataloader
+from ..tasks import Encoded, Examples, make_dataloader
 
 __all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "mean_length", "cached_evaluate"]
 
@@ -124,6 +124,7 @@ class Prepared:
     finetune_info: dict | None
     model_key: str = ""
     unpruned_latency: dict | None = None  # ONNX Runtime latency of ``model`` on the latency feeds, measured once
+    dev_examples: Examples | None = None  # the dev split's texts and labels (the deployed ONNX model is evaluated on them)
 
 
 def pruned_key(model) -> list:

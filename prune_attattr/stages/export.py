@@ -227,7 +227,27 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
             "latency_unpruned": lat_u,
             "speedup": lat_u["median_ms"] / lat_p["median_ms"],
         }
+        info["deployment"] = _deploy(prep, onnx_path, checks, out)
     return info
+
+
+def _deploy(prep: Prepared, onnx_path: Path, checks: list[dict], out: Path) -> dict:
+    """Issue 16: export the unpruned model the same way (``out/unpruned/onnx``), deploy both graphs
+    (``export.quantize``; the pruned one judged by ``export.max_drop`` on its own dev metric, measured by
+    ONNX Runtime on the whole dev split) and time them side by side (:func:`prune_attattr.deployment.deploy_run`)."""
+    from ..deployment import deploy_run
+    from ..export import export_onnx_folder
+
+    ctx, r = prep.ctx, prep.ctx.recipe
+    e = r.export
+    unpruned = export_onnx_folder(copy.deepcopy(prep.model).cpu(), out / "unpruned" / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
+    judged = e.heads is None and e.flops is None  # export.max_drop chose the model: it judges the shipped file too
+    ctx.print("   deploying: " + ("int8 and float32 graphs" if e.quantize == "int8" else "float32 graphs") + ", dev metric by ONNX Runtime, timing")
+    return deploy_run(
+        onnx_path, unpruned, check_batches=checks, examples=prep.dev_examples, metrics=ctx.metrics, quantize=e.quantize,
+        reduce_range=e.reduce_range, max_drop=e.max_drop if judged else None, max_length=r.model.max_length,
+        threads=r.runtime.threads or torch.get_num_threads(),
+    )
 
 
 def export_stage(

@@ -150,7 +150,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     )
     dev_loader = ctx.loader(dev_enc, r.pruning.eval_batch_size)
     imp_loader = ctx.loader(imp_enc, r.importance.batch_size)
-    return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info, model_key)
+    return Prepared(ctx, model, model_path, dev_enc, imp_enc, dev_loader, imp_loader, finetune_info, model_key, dev_examples=dev)
 
 
 def evaluate_unpruned(prep: Prepared) -> dict:

@@ -78,6 +78,11 @@ def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | 
 
         write_tradeoff_plot(report, tmp / "tradeoff.png")
         console().print(recovery_table(report))
+    deployment = (report.get("export") or {}).get("deployment")
+    if deployment:  # issue 16: the shipped graphs against the unpruned ones
+        from ..report import deployment_table
+
+        console().print(deployment_table(deployment["bench"]))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private
