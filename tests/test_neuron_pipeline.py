@@ -11,7 +11,7 @@ from prune_attattr.config import RecipeError, load_recipe
 SECTIONS = """
 importance: {methods: [attattr, fisher, accuracy_difference, random], examples: 12, batch_size: 4, attattr: {steps: 2, quadrature: gauss}}
 pruning: {units: both, compare_units: [heads], flops_steps: [1.0, 0.7, 0.5, 0.35], eval_batch_size: 8}
-export: {method: attattr, flops: 0.5, onnx: true}
+export: {method: attattr, flops: 0.5, onnx: true, quantize: int8}
 recovery: {enabled: true, mode: least_squares, train_examples: 48, batch_size: 16, least_squares_examples: 32}
 """
 
@@ -55,6 +55,17 @@ def test_flops_budget_pipeline_exports_within_budget(tmp_path, tiny_dir, capsys)
     model = load_pruned(out / "model")
     assert sum(len(n) for n in kept_neurons(model)) == exp["neurons_kept"]
     assert exp["onnx"]["max_abs_diff"] < 1e-4
+    # issue 16: the deployed (int8) graph's metric in the report is an ONNX Runtime evaluation of the shipped file
+    from prune_attattr.onnx_eval import evaluate_onnx
+    from prune_attattr.tasks import load_task_data
+
+    deployed = exp["deployment"]["pruned"]
+    assert deployed["precision"] == "int8" and (out / "onnx" / "model_fp32.onnx").exists()
+    dev = load_task_data(load_recipe(out / "recipe.yaml"))[1]
+    again = evaluate_onnx(out / "onnx" / "model.onnx", dev, ["accuracy"], max_length=32)
+    assert deployed["metrics"]["int8"]["accuracy"] == pytest.approx(again["accuracy"])
+    labels = [r["label"] for r in exp["deployment"]["bench"]["rows"]]
+    assert len(labels) == 4 and (out / "unpruned" / "onnx" / "model.onnx").exists()
     importance = json.loads((out / "importance.json").read_text())
     assert set(importance) == {"heads", "neurons"} and len(importance["neurons"]["attattr"][0]) == 64
     assert (out / "neuron_importance.png").stat().st_size > 0
