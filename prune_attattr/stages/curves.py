@@ -78,18 +78,26 @@ def curves_stage(
     return curves
 
 
+def _counting_evaluate(prep: Prepared):
+    """``(evaluate, counts)``: a step evaluation through the stage cache that counts the steps and how many
+    came from the cache (``counts["steps"]``, ``counts["reused"]``), for the report's ``reused`` list."""
+    counts = {"steps": 0, "reused": 0}
+
+    def evaluate(model):
+        metrics, reused = cached_evaluate(prep, model)
+        counts["steps"] += 1
+        counts["reused"] += reused
+        return metrics
+
+    return evaluate, counts
+
+
 def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str) -> list:
     """``method``'s curve over ``pruning.flops_steps`` (:func:`prune_attattr.flops_curve.flops_curve`),
     every step's evaluation cached."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]
-    counts = {"steps": 0, "reused": 0}
-
-    def evaluate(m):
-        metrics, reused = cached_evaluate(prep, m)
-        counts["steps"] += 1
-        counts["reused"] += reused
-        return metrics
+    evaluate, counts = _counting_evaluate(prep)
 
     def show(s):
         ctx.print(
@@ -116,13 +124,7 @@ def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
     if r.pruning.schedule == "iterative" and method == r.export.method and recovery is not None:  # issue 10
         with ctx.stage(name + " (iterative, with recovery)"):
             return iterative_curve(prep, scores[method], method, recovery)
-    counts = {"steps": 0, "reused": 0}
-
-    def evaluate(m):
-        metrics, reused = cached_evaluate(prep, m)
-        counts["steps"] += 1
-        counts["reused"] += reused
-        return metrics
+    evaluate, counts = _counting_evaluate(prep)
 
     def rescore(m):
         return cached_importance(prep, method, m)[0]
