@@ -125,7 +125,7 @@ def main() -> None:
                 row = {"method": method, "units": units, "budget": budget}
                 rows.append(row)
                 try:
-                    choice = choose_units(model, heads, neurons if units != "heads" else None, costs, budget, units, balance_for(method))
+                    choice = choose_units(model, heads, neurons if units != "heads" else None, costs, budget, units, balance_for(method, recipe.pruning.balance))
                 except SearchError as exc:
                     row["skipped"] = str(exc)
                     ctx.print(f"   {method} {units} {budget:.2f}: skipped ({exc})")

@@ -185,6 +185,11 @@ class PruningSettings(_Strict):
     flops_steps: list[float] = Field(
         default_factory=_default_flops_steps, description="units neurons/both: FLOPs fractions kept, one curve step each"
     )
+    balance: Literal["auto", "cost", "none"] = Field(
+        "auto",
+        description="units both: how head and neuron scores share one scale in the FLOPs search (prune_attattr.search): "
+        "none = raw scores (Kwon et al.), cost = each kind's total importance per FLOP equalised; auto = none for fisher, cost otherwise",
+    )
     step_fraction: float = Field(0.1, gt=0, le=1, description="units heads: fraction of all heads removed per step")
     rescore: bool = Field(False, description="re-score the remaining heads after every step")
     eval_batch_size: int = Field(64, ge=1)

@@ -25,16 +25,20 @@ from .search import lowest_fraction, search_units
 __all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
 
 #: Methods whose head and neuron scores estimate one additive quantity (the loss change when the unit
-#: goes), which Kwon et al.'s search adds as they are; measured on the embedded MiniLM at 50% / 35% FLOPs
-#: (Fisher, docs/benchmarks.md): raw 85.21% / 81.31% against 84.06% / 79.47% cost-balanced.
-_ADDITIVE = ("fisher", "taylor")
+#: goes), which Kwon et al.'s search adds as they are. Measured on the embedded SST-2 MiniLM before recovery
+#: (docs/benchmarks.md): Fisher raw 85.21% / 81.31% at 50% / 35% FLOPs against 84.06% / 79.47% cost-balanced;
+#: AttAttr raw 72.48% / 71.90% against 83.37% / 77.87% cost-balanced; Taylor (heads normalised per layer,
+#: Michel et al.) raw keeps no head at 50% (49.08%), cost-balanced 86.35% / 81.88%.
+_ADDITIVE = ("fisher",)
 
 
-def balance_for(method: str) -> str:
-    """How :func:`prune_attattr.search.search_units` puts ``method``'s head and neuron scores on one scale:
-    ``"none"`` for Fisher and Taylor (both kinds estimate the loss change), ``"cost"`` for AttAttr (a head's
-    score is a max over ``T x T`` entries, a neuron's over ``T``: not additive across kinds) and random
-    (no unit at all); see :mod:`prune_attattr.search`."""
+def balance_for(method: str, setting: str = "auto") -> str:
+    """How :func:`prune_attattr.search.search_units` puts ``method``'s head and neuron scores on one scale
+    (``pruning.balance``; ``auto``: ``"none"`` for Fisher, whose two kinds estimate the same loss change,
+    ``"cost"`` for the others: AttAttr (a head's score is a max over ``T x T`` entries, a neuron's over
+    ``T``), Taylor (heads normalised per layer) and random (no unit); see :mod:`prune_attattr.search`)."""
+    if setting != "auto":
+        return setting
     return "none" if method in _ADDITIVE else "cost"
 
 

@@ -109,7 +109,7 @@ def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_s
     with ctx.stage(stage):
         steps = flops_curve(
             prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
-            units=units, seq_len=seq_len, balance=balance_for(method), on_step=show,
+            units=units, seq_len=seq_len, balance=balance_for(method, r.pruning.balance), on_step=show,
         )
     if counts["reused"]:
         ctx.reused.append(f"{stage} ({counts['reused']}/{counts['steps']} steps)")

@@ -114,7 +114,7 @@ def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torc
     units = r.pruning.units if neuron_scores is not None else "heads"
     try:
         costs = unit_flops(prep.model, mean_length(prep.dev_enc))
-        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method))
+        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method, r.pruning.balance))
     except SearchError as exc:
         raise RunError(f"export.flops {budget:g}: {exc}") from None
     return None, choice.pruned_heads, choice.pruned_neurons, rule
