@@ -199,6 +199,48 @@ def test_stage_modules_import_one_way():
         visit(name, [])
 
 
+def test_package_modules_import_one_way():
+    """No import circle anywhere in prune_attattr, imports inside functions included (ARCHITECTURE.md: the
+    old models -> checkpoint -> models circle of load_classifier is gone; checkpoint I/O sits above models)."""
+    pkg = ROOT / "prune_attattr"
+
+    def name(f: Path) -> str:
+        rel = f.relative_to(pkg).with_suffix("")
+        return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+    def target(f: Path, node) -> str | None:
+        if node.level == 0:
+            return node.module[len("prune_attattr."):] if (node.module or "").startswith("prune_attattr.") else None
+        here = name(f).split(".") if f.name == "__init__.py" else name(f).split(".")[:-1]
+        base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+        return ".".join([*base, *(node.module.split(".") if node.module else [])]).strip(".")
+
+    modules = {name(f): f for f in pkg.rglob("*.py") if "templates" not in f.parts and "metrics" not in f.parts}
+    edges = {}
+    for mod, f in modules.items():
+        deps = set()
+        for node in _imported(f):
+            t = target(f, node)
+            if t is None:
+                continue
+            deps |= {t} if t in modules else {t.rsplit(".", 1)[0]} & set(modules)
+        edges[mod] = deps - {mod, ""}
+    # a package's __init__ re-exports its modules; only edges between modules count as a circle
+    edges = {m: {d for d in deps if not (m == "" or d == "" or m.startswith(d + ".") and modules[d].name == "__init__.py")} for m, deps in edges.items()}
+    assert "checkpoint" not in edges["models"] and "loading" not in edges["models"]
+    done: set = set()
+
+    def visit(mod, path):
+        assert mod not in path, " -> ".join([*path, mod])
+        if mod not in done:
+            for dep in sorted(edges.get(mod, ())):
+                visit(dep, [*path, mod])
+            done.add(mod)
+
+    for mod in sorted(edges):
+        visit(mod, [])
+
+
 # --- 6. input hardening -----------------------------------------------------------------------------
 
 
