@@ -503,7 +503,11 @@ def deployment_markdown(deployment: dict) -> list[str]:
 # --- per-method settings ------------------------------------------------------------------------
 
 _FIXED_SETTINGS = {
-    "taylor": {"target": "gold", "quantity": "|head-mask gradient of the cross-entropy| per layer-normalised (Michel et al. 2019, Eq. 4)"},
+    "taylor": {
+        "target": "gold",
+        "quantity": "|mask gradient of the cross-entropy|, summed over examples (Michel et al. 2019, Eq. 4); heads per layer-normalised, neurons not",
+    },
+    "fisher": {"target": "gold", "quantity": "squared mask gradient of the cross-entropy, summed over examples (empirical Fisher, Kwon et al. 2022, 4.1)"},
     "accuracy_difference": {"target": "gold", "quantity": "metric drop with the head alone masked (Michel et al. 2019, 3.1)"},
     "attention": {"target": None, "quantity": "max attention probability over token pairs, summed over examples"},
     "random": {"target": None, "quantity": "random scores (seeded)"},
@@ -523,7 +527,11 @@ def method_settings(report: dict) -> dict[str, dict]:
         if m == "attattr":
             a = imp.get("attattr") or {}
             out[m] = {k: a.get(k) for k in ("mode", "quadrature", "steps", "target")}
-            out[m]["quantity"] = "max over token pairs of the attribution, summed over examples (Hao et al. 2021, 4.1)"
+            out[m]["quantity"] = "max over token pairs of the attribution, summed over examples (Hao et al. 2021, 4.1)" + (
+                "; neurons: max over tokens of the attribution of the intermediate activations (Dai et al. 2022)"
+                if m in (report.get("neuron_importance") or {})
+                else ""
+            )
         else:
             out[m] = dict(_FIXED_SETTINGS.get(m, {}))
         out[m]["examples"] = report.get("importance_examples")
@@ -534,7 +542,7 @@ def _settings_lines(report: dict) -> list[str]:
     settings = method_settings(report)
     if not settings:
         return []
-    lines = ["", "## How each method scored heads", ""]
+    lines = ["", "## How each method scored heads" + (" and neurons" if report.get("neuron_importance") else ""), ""]
     for m, s in settings.items():
         if m == "attattr":
             paper = s["quadrature"] == "left" and s["steps"] == 20 and s["target"] == "gold"
