@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import sys
-import time
 
 from accelerate.utils import set_seed
 
