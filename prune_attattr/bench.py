@@ -204,15 +204,26 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
-def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int = 256, rounds: int = 5, batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
+def bench_run(
+    run_dir: str | Path,
+    *,
+    threads: int | None = None,
+    sentences: int = 256,
+    rounds: int = 5,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    evaluate: bool = False,
+) -> dict:
     """Re-time a finished run's graphs on this machine (``prune-attattr bench exported/<run>``).
 
     Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: default
-    the recipe's ``runtime.threads`` (None = all cores). Reads files only; writes nothing.
+    the recipe's ``runtime.threads`` (None = all cores). Metrics: the run's (``report.json``), or with
+    ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.onnx_eval.evaluate_onnx`, one
+    example per call): int8 results depend on the CPU's integer kernels (VNNI or not), so a deployment
+    box's accuracy can differ from the run's. Reads files only; writes nothing.
 
     Returns:
-        ``{"run", "metric", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
-        :func:`time_models` gives them, file paths relative to ``run_dir``.
+        ``{"run", "metric", "metric_source", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``,
+        rows as :func:`time_models` gives them, file paths relative to ``run_dir``.
 
     Raises:
         RunError: ``run_dir`` is no run folder (no ``recipe.yaml``, no ``onnx/model.onnx``).
@@ -238,6 +249,13 @@ def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int
     metric = metric or metrics[0]
     n = min(sentences, len(dev))
     threads = threads if threads is not None else recipe.runtime.threads
+    source = "report.json"
+    if evaluate:
+        from .onnx_eval import evaluate_onnx
+
+        for c in models:
+            c.metric = evaluate_onnx(c.path, dev, metrics, threads=threads)[metric]
+        source = f"measured here on {len(dev)} dev examples"
     rows = time_models(
         models,
         dev.texts[:n],
@@ -251,6 +269,7 @@ def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int
     return {
         "run": str(run_dir),
         "metric": metric,
+        "metric_source": source,
         "cpu": cpu_name(),
         "threads": threads,
         "sentences": n,

@@ -282,6 +282,20 @@ def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_pat
         assert cell in text  # whole cells: stdout is not a terminal, the table is not cut to 80 columns
 
 
+def test_bench_eval_measures_the_metric_here(tiny_run):
+    from prune_attattr.bench import bench_run
+    from prune_attattr.config import load_recipe as load
+    from prune_attattr.tasks import load_task_data
+
+    run, _, _ = tiny_run
+    result = bench_run(run, sentences=3, rounds=1, batch_sizes=(1,), evaluate=True)
+    dev = load_task_data(load(run / "recipe.yaml"))[1]
+    assert result["metric_source"] == "measured here on 12 dev examples"
+    for row in result["rows"]:
+        preds = _independent_ort_predictions(run / row["file"], dev)
+        assert row["metric"] == _independent_metrics(preds, dev.labels)["accuracy"]
+
+
 def test_bench_cli_bad_folder_is_one_line_exit_2(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
