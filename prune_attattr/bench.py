@@ -3,11 +3,13 @@
 :func:`time_models` times several graphs on the same batches: batch 1 (each sentence alone, as a
 server answering one request at a time) and batch 16 (consecutive sentences, padded to the longest).
 Every model first runs the whole batch set once untimed (warm-up: ONNX Runtime allocates per shape).
-Then, for each of ``rounds`` rounds, each batch is run by every model in turn, the order rotating from
-batch to batch and round to round, so that drift (other processes, frequency scaling, heat) hits all
-models alike; a model's figure for the round is its mean milliseconds per call over the batch set,
-and the reported figure is the median over rounds. Speed-up is the first (reference) row's
-milliseconds over the row's.
+Then, in each of ``rounds`` rounds, the models take turns, each running the whole batch set, the order
+rotating from round to round, so that drift (other processes, frequency scaling, heat) hits all models
+alike; a model's figure for a round is its mean milliseconds per call over the batch set, the reported
+figure the median over rounds. Each turn starts with one untimed call: ONNX Runtime's worker threads
+busy-wait for a while after a call, and the previous model's would otherwise slow the first calls
+down. (Alternating call by call would pay that on every call: measured on 2 cores, it doubled the
+batch-1 latency of MiniLM; turning the busy-waiting off instead slowed batch 16 2.3x.)
 
 :func:`bench_run` (``prune-attattr bench exported/<run>``) re-times a finished run on the current
 machine. A run folder's layout::
@@ -91,7 +93,8 @@ def time_models(
     Args:
         tokenizer: default the one saved beside the first model.
         threads: ONNX Runtime intra-op threads per session (None = all cores).
-        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`).
+        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`
+            without spin-waiting).
 
     Returns:
         One row per model, in order: ``{"label", "file", "precision", "metric", "deployed", "mb",
@@ -119,14 +122,12 @@ def time_models(
                     logits(s, x)
         per_round: list[list[float]] = [[] for _ in models]
         for r in range(rounds):
-            total = [0.0] * len(models)
-            for j, x in enumerate(batches):
-                for m in _rotated(len(models), r + j):
-                    t = clock()
+            for m in _rotated(len(models), r):
+                logits(sessions[m], batches[0])  # untimed: the previous model's threads stop busy-waiting
+                t = clock()
+                for x in batches:
                     logits(sessions[m], x)
-                    total[m] += clock() - t
-            for m in range(len(models)):
-                per_round[m].append(1000 * total[m] / len(batches))
+                per_round[m].append(1000 * (clock() - t) / len(batches))
         for m in range(len(models)):
             ms[m][str(b)] = float(np.median(per_round[m]))
     rows = []

@@ -333,10 +333,9 @@ class _FakeSession:
 def test_time_models_alternates_models_and_reports_medians(tmp_path):
     texts = _sentences(6, seed=1).texts  # batch 1: 6 calls per pass; batch 4: 2 calls per pass
     clock, log = _Clock(), []
-    n1 = 6  # calls per pass at batch 1
-    # model a: 10 ms per call, but 1 s per call in its second timed round at batch 1 (an outlier round)
+    # per model at batch 1: warm-up calls 0-5, then per round 1 untimed call + 6 timed ones (rounds at 6, 13, 20)
     costs = {
-        "a": lambda i: 1.0 if 2 * n1 <= i < 3 * n1 else 0.010,
+        "a": lambda i: 1.0 if 14 <= i < 20 else 0.010,  # 10 ms, but 1 s per call in its second round: an outlier
         "b": lambda i: 0.005,
         "c": lambda i: 0.020,
     }
@@ -352,12 +351,13 @@ def test_time_models_alternates_models_and_reports_medians(tmp_path):
     assert ms["b"]["1"] == pytest.approx(5.0) and ms["c"]["1"] == pytest.approx(20.0) and ms["a"]["4"] == pytest.approx(10.0)
     assert rows[1]["speedup"]["1"] == pytest.approx(2.0) and rows[2]["speedup"]["4"] == pytest.approx(0.5)
     assert rows[0]["speedup"] == {"1": 1.0, "4": 1.0} and rows[0]["mb"] == pytest.approx(1.0)
-    # call order: warm-up passes per model, then every batch runs all three models back to back, first one rotating
-    timed = log[3 * n1 :][: 3 * 3 * n1]  # batch 1, three rounds
-    groups = [timed[k : k + 3] for k in range(0, len(timed), 3)]
-    assert all(sorted(n for n, _ in g) == ["a", "b", "c"] for g in groups)
-    assert len({g[0][0] for g in groups}) == 3  # every model goes first in turn
-    assert {b for _, b in log[-3 * 2 * 3 :]} == {4, 2}  # batch 4: 6 sentences = a batch of 4 and one of 2
+    # call order at batch 1: a warm-up pass per model, then per round each model's turn (1 + 6 calls), the
+    # first model rotating from round to round
+    assert [n for n, _ in log[:18]] == ["a"] * 6 + ["b"] * 6 + ["c"] * 6
+    turns = [log[k : k + 7] for k in range(18, 18 + 9 * 7, 7)]
+    assert all(len({n for n, _ in t}) == 1 for t in turns)
+    assert [t[0][0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {b for _, b in log[-3 * 3 * 3 :]} == {4, 2}  # batch 4: 6 sentences = a batch of 4 and one of 2
 
 
 # ---- recipe keys --------------------------------------------------------------------------------------------
