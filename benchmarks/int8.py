@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sentences", type=int, default=256, help="dev sentences timed")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dev", type=int, default=None, help="evaluate on the first N dev sentences only (a quick check; default all 872)")
+    ap.add_argument("--timing-only", action="store_true", help="skip the accuracy pass (it does not depend on load; timing does)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -65,6 +68,8 @@ def main() -> None:
     folder = args.model or newest_finetuned()
     torch.set_num_threads(args.threads)
     dev = read_examples(glue_path("SST-2/dev.tsv"), text_column="sentence", label_column="label", labels=["0", "1"])
+    if args.dev:
+        dev = dev.subset(range(min(args.dev, len(dev))))
     model = load_classifier(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     work = Path(tempfile.mkdtemp(prefix="int8-bench-"))
@@ -85,29 +90,34 @@ def main() -> None:
         checks = [dict(tok(dev.texts[i : i + 16], padding=True, return_tensors="np")) for i in (0, 16)]
         print(f"model {folder}; export, quantization and fusion {time.perf_counter() - t:.0f} s; CPU {cpu_name()}, {args.threads} threads")
 
-        t = time.perf_counter()
-        logits = {k: predict_onnx(p, dev.texts, threads=args.threads) for k, p in graphs.items()}
-        batched = predict_onnx(graphs["int8 s8"], dev.texts, threads=args.threads, batch_size=32)
-        labels = torch.tensor(dev.labels)
-        acc = {k: compute_metrics(["accuracy"], torch.from_numpy(v.argmax(1)), labels)["accuracy"] for k, v in logits.items()}
-        acc_b32 = compute_metrics(["accuracy"], torch.from_numpy(batched.argmax(1)), labels)["accuracy"]
-        ref = logits["fp32"].argmax(1)
-        agree = {k: float((v.argmax(1) == ref).mean()) for k, v in logits.items()}
-        diff = {k: max_logit_diff(graphs["fp32"], p, checks) for k, p in graphs.items()}
-        print(f"accuracy on {len(dev)} dev sentences, batch 1 ({time.perf_counter() - t:.0f} s):")
-        for k in graphs:
-            print(
-                f"  {k:16s} {100 * acc[k]:6.2f}%  ({100 * (acc[k] - acc['fp32']):+.2f} points)  agree with fp32 {100 * agree[k]:6.2f}%  "
-                f"max |logit diff| on 32 sentences {diff[k]:.4f}"
-            )
-        print(f"  int8 s8 in batches of 32: {100 * acc_b32:.2f}% ({100 * (acc_b32 - acc['int8 s8']):+.2f} points vs batch 1)")
+        acc = {k: None for k in graphs}
+        agree, diff, acc_b32 = {}, {}, None
+        if not args.timing_only:
+            t = time.perf_counter()
+            logits = {k: predict_onnx(p, dev.texts, threads=args.threads) for k, p in graphs.items()}
+            batched = predict_onnx(graphs["int8 s8"], dev.texts, threads=args.threads, batch_size=32)
+            labels = torch.tensor(dev.labels)
+            acc = {k: compute_metrics(["accuracy"], torch.from_numpy(v.argmax(1)), labels)["accuracy"] for k, v in logits.items()}
+            acc_b32 = compute_metrics(["accuracy"], torch.from_numpy(batched.argmax(1)), labels)["accuracy"]
+            ref = logits["fp32"].argmax(1)
+            agree = {k: float((v.argmax(1) == ref).mean()) for k, v in logits.items()}
+            diff = {k: max_logit_diff(graphs["fp32"], p, checks) for k, p in graphs.items()}
+            print(f"accuracy on {len(dev)} dev sentences, batch 1 ({time.perf_counter() - t:.0f} s):")
+            for k in graphs:
+                print(
+                    f"  {k:16s} {100 * acc[k]:6.2f}%  ({100 * (acc[k] - acc['fp32']):+.2f} points)  agree with fp32 {100 * agree[k]:6.2f}%  "
+                    f"max |logit diff| on 32 sentences {diff[k]:.4f}"
+                )
+            print(f"  int8 s8 in batches of 32: {100 * acc_b32:.2f}% ({100 * (acc_b32 - acc['int8 s8']):+.2f} points vs batch 1)")
 
         models = [Candidate(k, p, metric=acc[k]) for k, p in graphs.items()]
+        load = os.getloadavg()[0]
         rows = time_models(models, dev.texts[: args.sentences], tokenizer=tok, threads=args.threads, rounds=args.rounds)
         for r in rows:
             r["file"] = Path(r["file"]).name
         bench = {"metric": "accuracy", "cpu": cpu_name(), "threads": args.threads, "sentences": min(args.sentences, len(dev)), "rounds": args.rounds, "batch_sizes": [1, 16], "rows": rows}
         Console(width=10_000).print(deployment_table(bench))
+        print(f"1-minute load average before / after timing: {load:.2f} / {os.getloadavg()[0]:.2f} (this script alone adds about {args.threads})")
         if args.json:
             out = {"model": str(folder), "accuracy": acc, "agree": agree, "max_abs_logit_diff": diff, "int8_s8_batch32_accuracy": acc_b32, "bench": bench}
             args.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -3,11 +3,13 @@
 :func:`time_models` times several graphs on the same batches: batch 1 (each sentence alone, as a
 server answering one request at a time) and batch 16 (consecutive sentences, padded to the longest).
 Every model first runs the whole batch set once untimed (warm-up: ONNX Runtime allocates per shape).
-Then, for each of ``rounds`` rounds, each batch is run by every model in turn, the order rotating from
-batch to batch and round to round, so that drift (other processes, frequency scaling, heat) hits all
-models alike; a model's figure for the round is its mean milliseconds per call over the batch set,
-and the reported figure is the median over rounds. Speed-up is the first (reference) row's
-milliseconds over the row's.
+Then, in each of ``rounds`` rounds, the models take turns, each running the whole batch set, the order
+rotating from round to round, so that drift (other processes, frequency scaling, heat) hits all models
+alike; a model's figure for a round is its mean milliseconds per call over the batch set, the reported
+figure the median over rounds. Each turn starts with one untimed call: ONNX Runtime's worker threads
+busy-wait for a while after a call, and the previous model's would otherwise slow the first calls
+down. (Alternating call by call would pay that on every call: measured on 2 cores, it doubled the
+batch-1 latency of MiniLM; turning the busy-waiting off instead slowed batch 16 2.3x.)
 
 :func:`bench_run` (``prune-attattr bench exported/<run>``) re-times a finished run on the current
 machine. A run folder's layout::
@@ -91,7 +93,8 @@ def time_models(
     Args:
         tokenizer: default the one saved beside the first model.
         threads: ONNX Runtime intra-op threads per session (None = all cores).
-        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`).
+        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`
+            without spin-waiting).
 
     Returns:
         One row per model, in order: ``{"label", "file", "precision", "metric", "deployed", "mb",
@@ -119,14 +122,12 @@ def time_models(
                     logits(s, x)
         per_round: list[list[float]] = [[] for _ in models]
         for r in range(rounds):
-            total = [0.0] * len(models)
-            for j, x in enumerate(batches):
-                for m in _rotated(len(models), r + j):
-                    t = clock()
+            for m in _rotated(len(models), r):
+                logits(sessions[m], batches[0])  # untimed: the previous model's threads stop busy-waiting
+                t = clock()
+                for x in batches:
                     logits(sessions[m], x)
-                    total[m] += clock() - t
-            for m in range(len(models)):
-                per_round[m].append(1000 * total[m] / len(batches))
+                per_round[m].append(1000 * (clock() - t) / len(batches))
         for m in range(len(models)):
             ms[m][str(b)] = float(np.median(per_round[m]))
     rows = []
@@ -204,15 +205,26 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
-def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int = 256, rounds: int = 5, batch_sizes: Sequence[int] = BATCH_SIZES) -> dict:
+def bench_run(
+    run_dir: str | Path,
+    *,
+    threads: int | None = None,
+    sentences: int = 256,
+    rounds: int = 5,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    evaluate: bool = False,
+) -> dict:
     """Re-time a finished run's graphs on this machine (``prune-attattr bench exported/<run>``).
 
     Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: default
-    the recipe's ``runtime.threads`` (None = all cores). Reads files only; writes nothing.
+    the recipe's ``runtime.threads`` (None = all cores). Metrics: the run's (``report.json``), or with
+    ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.onnx_eval.evaluate_onnx`, one
+    example per call): int8 results depend on the CPU's integer kernels (VNNI or not), so a deployment
+    box's accuracy can differ from the run's. Reads files only; writes nothing.
 
     Returns:
-        ``{"run", "metric", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
-        :func:`time_models` gives them, file paths relative to ``run_dir``.
+        ``{"run", "metric", "metric_source", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``,
+        rows as :func:`time_models` gives them, file paths relative to ``run_dir``.
 
     Raises:
         RunError: ``run_dir`` is no run folder (no ``recipe.yaml``, no ``onnx/model.onnx``).
@@ -238,6 +250,13 @@ def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int
     metric = metric or metrics[0]
     n = min(sentences, len(dev))
     threads = threads if threads is not None else recipe.runtime.threads
+    source = "report.json"
+    if evaluate:
+        from .onnx_eval import evaluate_onnx
+
+        for c in models:
+            c.metric = evaluate_onnx(c.path, dev, metrics, threads=threads)[metric]
+        source = f"measured here on {len(dev)} dev examples"
     rows = time_models(
         models,
         dev.texts[:n],
@@ -251,6 +270,7 @@ def bench_run(run_dir: str | Path, *, threads: int | None = None, sentences: int
     return {
         "run": str(run_dir),
         "metric": metric,
+        "metric_source": source,
         "cpu": cpu_name(),
         "threads": threads,
         "sentences": n,

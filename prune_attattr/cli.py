@@ -1,5 +1,5 @@
 """Command line: ``prune-attattr RECIPE.yaml [--set key.sub=value ...] [--force] [--no-cache]``, and
-``prune-attattr bench exported/<run> [--threads N] [--sentences N] [--rounds N] [--json FILE]``, which
+``prune-attattr bench exported/<run> [--threads N] [--sentences N] [--rounds N] [--eval] [--json FILE]``, which
 re-times a finished run's ONNX graphs on this machine (:func:`prune_attattr.bench.bench_run`; it writes
 nothing but the ``--json`` file).
 
@@ -53,6 +53,11 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the run's runtime.threads, else all cores)")
     p.add_argument("--sentences", type=int, default=256, help="dev sentences timed (default 256)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported (default 5)")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="also re-measure each graph's dev metric here (int8 results depend on the CPU's integer kernels)",
+    )
     p.add_argument("--json", dest="json_file", default=None, metavar="FILE", help="also write the figures to FILE as JSON")
     return p
 
@@ -79,7 +84,7 @@ def bench_main(argv: list[str]) -> int:
     from .tasks import DataError
 
     try:
-        result = bench_run(args.run, threads=args.threads, sentences=args.sentences, rounds=args.rounds)
+        result = bench_run(args.run, threads=args.threads, sentences=args.sentences, rounds=args.rounds, evaluate=args.eval)
     except (RunError, DataError, ModelError) as exc:
         print(f"prune-attattr bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -36,6 +36,10 @@ and an additive mask, which ONNX Runtime's ``QAttention`` does not take, so quan
 leaves the query/key/value weights in float32 (larger and slower at batch 1). Quantizing first and
 fusing after gives int8 projections feeding ``MultiHeadAttention``.
 
+Fused graphs use ONNX Runtime's contrib operators (domain ``com.microsoft``): they run on ONNX Runtime
+(and optimum's ``ORTModelForSequenceClassification``), not on other ONNX runtimes; ``fusion=False``
+keeps standard ONNX operators only.
+
 Every rewrite is checked against the exporter's float32 graph on the caller's batches: a fused float32
 graph must match it to :data:`FUSION_TOLERANCE`; a fused int8 graph must be no further from it than
 the unfused int8 graph (times :data:`INT8_FUSION_SLACK`). A rewrite that fails (or raises) is dropped

@@ -442,6 +442,7 @@ def _deployment_caption(bench: dict) -> str:
     return (
         f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads} thread(s); median over {bench.get('rounds')} alternating "
         f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
+        + (f"; metric from {bench['metric_source']}" if bench.get("metric_source") else "")
     )
 
 

@@ -282,6 +282,20 @@ def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_pat
         assert cell in text  # whole cells: stdout is not a terminal, the table is not cut to 80 columns
 
 
+def test_bench_eval_measures_the_metric_here(tiny_run):
+    from prune_attattr.bench import bench_run
+    from prune_attattr.config import load_recipe as load
+    from prune_attattr.tasks import load_task_data
+
+    run, _, _ = tiny_run
+    result = bench_run(run, sentences=3, rounds=1, batch_sizes=(1,), evaluate=True)
+    dev = load_task_data(load(run / "recipe.yaml"))[1]
+    assert result["metric_source"] == "measured here on 12 dev examples"
+    for row in result["rows"]:
+        preds = _independent_ort_predictions(run / row["file"], dev)
+        assert row["metric"] == _independent_metrics(preds, dev.labels)["accuracy"]
+
+
 def test_bench_cli_bad_folder_is_one_line_exit_2(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -319,10 +333,9 @@ class _FakeSession:
 def test_time_models_alternates_models_and_reports_medians(tmp_path):
     texts = _sentences(6, seed=1).texts  # batch 1: 6 calls per pass; batch 4: 2 calls per pass
     clock, log = _Clock(), []
-    n1 = 6  # calls per pass at batch 1
-    # model a: 10 ms per call, but 1 s per call in its second timed round at batch 1 (an outlier round)
+    # per model at batch 1: warm-up calls 0-5, then per round 1 untimed call + 6 timed ones (rounds at 6, 13, 20)
     costs = {
-        "a": lambda i: 1.0 if 2 * n1 <= i < 3 * n1 else 0.010,
+        "a": lambda i: 1.0 if 14 <= i < 20 else 0.010,  # 10 ms, but 1 s per call in its second round: an outlier
         "b": lambda i: 0.005,
         "c": lambda i: 0.020,
     }
@@ -338,12 +351,13 @@ def test_time_models_alternates_models_and_reports_medians(tmp_path):
     assert ms["b"]["1"] == pytest.approx(5.0) and ms["c"]["1"] == pytest.approx(20.0) and ms["a"]["4"] == pytest.approx(10.0)
     assert rows[1]["speedup"]["1"] == pytest.approx(2.0) and rows[2]["speedup"]["4"] == pytest.approx(0.5)
     assert rows[0]["speedup"] == {"1": 1.0, "4": 1.0} and rows[0]["mb"] == pytest.approx(1.0)
-    # call order: warm-up passes per model, then every batch runs all three models back to back, first one rotating
-    timed = log[3 * n1 :][: 3 * 3 * n1]  # batch 1, three rounds
-    groups = [timed[k : k + 3] for k in range(0, len(timed), 3)]
-    assert all(sorted(n for n, _ in g) == ["a", "b", "c"] for g in groups)
-    assert len({g[0][0] for g in groups}) == 3  # every model goes first in turn
-    assert {b for _, b in log[-3 * 2 * 3 :]} == {4, 2}  # batch 4: 6 sentences = a batch of 4 and one of 2
+    # call order at batch 1: a warm-up pass per model, then per round each model's turn (1 + 6 calls), the
+    # first model rotating from round to round
+    assert [n for n, _ in log[:18]] == ["a"] * 6 + ["b"] * 6 + ["c"] * 6
+    turns = [log[k : k + 7] for k in range(18, 18 + 9 * 7, 7)]
+    assert all(len({n for n, _ in t}) == 1 for t in turns)
+    assert [t[0][0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {b for _, b in log[-3 * 3 * 3 :]} == {4, 2}  # batch 4: 6 sentences = a batch of 4 and one of 2
 
 
 # ---- recipe keys --------------------------------------------------------------------------------------------
