@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -58,7 +57,7 @@ def main() -> None:
     from prune_attattr.bench import Candidate, cpu_name, time_models
     from prune_attattr.evaluation import compute_metrics
     from prune_attattr.export import export_onnx_folder
-    from prune_attattr.models import load_classifier
+    from prune_attattr.loading import load_classifier
     from prune_attattr.onnx_eval import predict_onnx
     from prune_attattr.quantize import fuse, max_logit_diff, quantize_int8
     from prune_attattr.report import deployment_table

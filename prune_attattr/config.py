@@ -248,6 +248,9 @@ class ExportSettings(_Strict):
     reduce_range: bool = Field(
         False, description="int8 with 7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate"
     )
+    per_channel: bool = Field(
+        True, description="int8 weights with one scale per output channel (false: one per tensor, less accurate)"
+    )
 
     @model_validator(mode="after")
     def _quantize(self) -> ExportSettings:

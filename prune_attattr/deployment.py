@@ -40,6 +40,7 @@ def deploy_run(
     quantize: str = "none",
     reduce_range: bool = False,
     weight_type: str = "s8",
+    per_channel: bool = True,
     fusion: bool = True,
     max_drop: float | None = None,
     baseline: float | None = None,
@@ -56,7 +57,7 @@ def deploy_run(
             tokenizer saved beside each; ``unpruned_onnx`` None: no comparison rows, ``baseline`` given.
         check_batches: padded batches of real inputs the rewrites are verified on (both models take them).
         examples, metrics: the whole dev split and the task's metric names (the first one judges).
-        quantize, reduce_range, weight_type, fusion: ``export.quantize`` etc. (:func:`prune_attattr.quantize.deploy`).
+        quantize, reduce_range, weight_type, per_channel, fusion: ``export.quantize`` etc. (:func:`prune_attattr.quantize.deploy`).
         max_drop: ``export.max_drop`` (fraction); None: no budget (``export.heads``), int8 ships as is.
         baseline: the judged metric of the unpruned model when ``unpruned_onnx`` is None.
         max_length: truncation of the evaluation and timing inputs (None: the tokenizer's own limit).
@@ -76,7 +77,7 @@ def deploy_run(
     def evaluate(path: Path) -> dict[str, float]:
         return evaluate_onnx(path, examples, metrics, max_length=max_length, batch_size=eval_batch_size, threads=threads)
 
-    common = dict(check_batches=check_batches, quantize=quantize, reduce_range=reduce_range, weight_type=weight_type, fusion=fusion, evaluate=evaluate, metric=metric)
+    common = dict(check_batches=check_batches, quantize=quantize, reduce_range=reduce_range, weight_type=weight_type, per_channel=per_channel, fusion=fusion, evaluate=evaluate, metric=metric)
     unpruned = deploy(unpruned_onnx, **common) if unpruned_onnx is not None else None
     if unpruned is not None:
         base = {"value": unpruned["metrics"]["float32"][metric], "source": "unpruned float32 ONNX graph, ONNX Runtime on the whole dev split"}

@@ -2,7 +2,6 @@
 ``prune-attattr bench``."""
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -387,7 +386,8 @@ def minilm(tmp_path_factory):
     SST-2 training sentences, a minute's stand-in for fine-tuning) and exported, float32 and int8."""
     from transformers import AutoTokenizer
 
-    from prune_attattr.models import load_classifier, resolve_model_path
+    from prune_attattr.loading import load_classifier
+    from prune_attattr.models import resolve_model_path
     from prune_attattr.tasks import glue_path, read_examples
 
     torch.manual_seed(0)

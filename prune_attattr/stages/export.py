@@ -245,7 +245,7 @@ def _deploy(prep: Prepared, onnx_path: Path, checks: list[dict], out: Path) -> d
     ctx.print("   deploying: " + ("int8 and float32 graphs" if e.quantize == "int8" else "float32 graphs") + ", dev metric by ONNX Runtime, timing")
     return deploy_run(
         onnx_path, unpruned, check_batches=checks, examples=prep.dev_examples, metrics=ctx.metrics, quantize=e.quantize,
-        reduce_range=e.reduce_range, max_drop=e.max_drop if judged else None, max_length=r.model.max_length,
+        reduce_range=e.reduce_range, per_channel=e.per_channel, max_drop=e.max_drop if judged else None, max_length=r.model.max_length,
         threads=r.runtime.threads or torch.get_num_threads(),
     )
 
