@@ -18,7 +18,7 @@ from ..checks import check_model_inputs, load_tokenizer
 from ..loading import load_classifier
 from ..models import align_labels, check_labels, num_heads_total, resolve_model_path
 from ..tasks import Examples, encode, load_task_data
-from .context import Prepared, RunContext, cached_evaluate
+from .context import Prepared, RunContext, cached_evaluate, mean_length
 
 __all__ = ["split_train", "check_run", "prepare", "evaluate_unpruned"]
 
@@ -77,6 +77,29 @@ def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels
         check_universality_sets(r, labels)
 
 
+def check_flops_budget(recipe: Recipe, model: torch.nn.Module, seq_len: float) -> None:
+    """``export.flops`` must be reachable by ``pruning.units`` (checked before any long stage).
+
+    Raises:
+        RunError: a budget below the lowest FLOPs fraction the units can reach (e.g. heads alone cannot
+            remove the feed-forward blocks' share), with that fraction.
+    """
+    from ..cost import unit_flops
+    from ..search import lowest_fraction
+
+    e, units = recipe.export, recipe.pruning.units
+    if not (e.enabled and recipe.pruning.enabled and e.flops is not None):
+        return
+    c = unit_flops(model, seq_len)
+    floor = lowest_fraction(c.head, c.neuron, c.fixed, c.heads_total, c.neurons_total, units)
+    if e.flops < floor:
+        raise RunError(
+            f"export.flops {e.flops:g} cannot be reached pruning {units}: the lowest FLOPs fraction is {floor:.4g} "
+            f"at the dev split's mean length ({seq_len:.1f} tokens); raise export.flops"
+            + ("" if units == "both" else " or set pruning.units both")
+        )
+
+
 def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache: bool = True) -> Prepared:
     """Load data, tokenizer and model, run :func:`check_run`, fine-tune (or reuse the cached fine-tuned
     model), build the dataloaders.
@@ -116,6 +139,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
         dev_enc = encode(tokenizer, dev, r.model.max_length)
         imp_enc = encode(tokenizer, imp_examples, r.model.max_length)
         ft_enc = encode(tokenizer, ft_examples, r.model.max_length) if ft_examples is not None else None
+    check_flops_budget(r, model, mean_length(dev_enc))
     label_order = None
     if ft_enc is None:  # a model used as it is: its labels must be the task's, in the task's order
         label_order = check_labels(model, labels, r.data.label_map)  # model class ids in the task's order
