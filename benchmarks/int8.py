@@ -4,10 +4,14 @@ and 16 against float32, for each int8 variant, on this CPU.
 Graphs, all from one torch.onnx (dynamo) export of the fine-tuned model:
     fp32            the exporter's graph (the reference row)
     fp32 fused      ONNX Runtime's fused kernels (prune_attattr.quantize.fuse)
-    int8 s8         U8S8 dynamic quantization, then fused (what export.quantize int8 ships by default)
-    int8 s8 rr      U8S8 with reduce_range (7-bit weights), fused
-    int8 u8         U8U8, fused
-    int8 s8 unfused U8S8 without the fusion
+    int8 s8         U8S8 dynamic quantization, weights per output channel, then fused (what export.quantize
+                    int8 ships by default)
+    int8 s8 tensor  U8S8 with one weight scale per tensor, fused
+    int8 s8 rr      U8S8 per channel with reduce_range (7-bit weights), fused
+    int8 s8 rr tensor  U8S8 per tensor with reduce_range, fused
+    int8 u8         U8U8 per channel, fused
+    int8 s8 unfused U8S8 per channel without the fusion
+``--model`` takes any classifier folder, a pruned checkpoint (``exported/<run>/model``) too.
 Accuracy: the whole dev split, each sentence alone (batch 1, as export.max_drop judges it), tokenised by the
 model's own tokenizer with its default truncation; "agree" is the share of dev predictions equal to fp32's;
 int8 s8 is also evaluated in batches of 32 (dynamic quantization takes each activation's scale from the
@@ -80,8 +84,12 @@ def main() -> None:
         graphs = {"fp32": work / "fp32.onnx"}
         fuse(graphs["fp32"], work / "fp32_fused.onnx")
         graphs["fp32 fused"] = work / "fp32_fused.onnx"
-        for label, wt, rr in (("int8 s8", "s8", False), ("int8 s8 rr", "s8", True), ("int8 u8", "u8", False)):
-            plain = quantize_int8(graphs["fp32"], work / f"{label.replace(' ', '_')}_plain.onnx", reduce_range=rr, weight_type=wt)
+        variants = (
+            ("int8 s8", "s8", False, True), ("int8 s8 tensor", "s8", False, False), ("int8 s8 rr", "s8", True, True),
+            ("int8 s8 rr tensor", "s8", True, False), ("int8 u8", "u8", False, True),
+        )
+        for label, wt, rr, pc in variants:
+            plain = quantize_int8(graphs["fp32"], work / f"{label.replace(' ', '_')}_plain.onnx", reduce_range=rr, weight_type=wt, per_channel=pc)
             fuse(plain, work / f"{label.replace(' ', '_')}.onnx")
             graphs[label] = work / f"{label.replace(' ', '_')}.onnx"
             if label == "int8 s8":
@@ -104,7 +112,7 @@ def main() -> None:
             print(f"accuracy on {len(dev)} dev sentences, batch 1 ({time.perf_counter() - t:.0f} s):")
             for k in graphs:
                 print(
-                    f"  {k:16s} {100 * acc[k]:6.2f}%  ({100 * (acc[k] - acc['fp32']):+.2f} points)  agree with fp32 {100 * agree[k]:6.2f}%  "
+                    f"  {k:18s} {100 * acc[k]:6.2f}%  ({100 * (acc[k] - acc['fp32']):+.2f} points)  agree with fp32 {100 * agree[k]:6.2f}%  "
                     f"max |logit diff| on 32 sentences {diff[k]:.4f}"
                 )
             print(f"  int8 s8 in batches of 32: {100 * acc_b32:.2f}% ({100 * (acc_b32 - acc['int8 s8']):+.2f} points vs batch 1)")
