@@ -393,10 +393,11 @@ def write_tradeoff_plot(report: dict, path: Path) -> bool:
     ax.scatter(speed, [100 * m["metric_before"] for m in cands], facecolors="none", edgecolors="tab:blue", label="pruned, before recovery")
     ax.scatter(speed, [100 * m["metric_after"] for m in cands], color="tab:blue", label="after recovery")
     for x, m in zip(speed, cands):
-        ax.annotate(m["label"] + (" (exported)" if m.get("exported") else ""), (x, 100 * m["metric_after"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.annotate(m["label"].replace(" neurons", "n").replace(" heads", "h") + (" (exported)" if m.get("exported") else ""),
+                    (x, 100 * m["metric_after"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.margins(x=0.2)
     ax.axhline(100 * base["metric_before"], color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(f"ONNX Runtime speed-up over the unpruned model (batch {rec['latency_batch']}, one measurement each)")
+    ax.set_xlabel(f"ONNX Runtime speed-up vs unpruned (batch {rec['latency_batch']}, one run each)")
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{report['task']}: {metric} vs speed-up ({report['model_short']})")
     ax.grid(alpha=0.3)
