@@ -414,9 +414,10 @@ def fold_scales(model: nn.Module, head_scales: Mapping[int, torch.Tensor], neuro
         proj.weight.mul_(s.to(proj.weight).repeat_interleave(d)[None, :])
     for layer, s in neuron_scales.items():
         second = feed_forward(model, int(layer))[1]
-        if s.numel() != second.weight.shape[1]:
-            raise RecoveryError(
-                f"neuron scales of layer {layer} have {s.numel()} entries, the layer has {second.weight.shape[1]} neurons"
-            )
+        n = len(kept_neurons(model)[int(layer)])
+        if s.numel() != n:
+            raise RecoveryError(f"neuron scales of layer {layer} have {s.numel()} entries, the layer has {n} neurons")
+        if n == 0:  # every neuron pruned: the map is its bias alone (prune_attattr.pruning._BiasOnly)
+            continue
         second.weight.mul_(s.to(second.weight)[None, :])
     return model

@@ -130,6 +130,25 @@ def test_structurally_pruned_equals_masked():
     torch.testing.assert_close(_logits(structural, batches), _logits(masked, batches), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["bert", "deberta-v2", "modernbert"])
+def test_structurally_pruned_neurons_equal_masked(kind):
+    """Heads and neurons pruned structurally, a layer with no neurons left (its second map is a bias alone):
+    least squares gives the masked model's result (found by a CLI run on DeBERTa: folding hit the bias-only map)."""
+    from prune_attattr.neuron_pruning import prune_units
+
+    teacher = tiny_model(kind, init=0.1)
+    n = len(kept_neurons(teacher)[0])
+    heads, neurons = {0: [1, 3]}, {0: list(range(0, n, 2)), 1: list(range(n)), 2: [0, 5]}
+    hm, nm = masks_from_pruned(teacher, heads, neurons)
+    batches = [tiny_batch(seed=s, batch=8) for s in range(6)]
+    masked = copy.deepcopy(teacher)
+    least_squares(masked, batches, head_mask=hm, neuron_mask=nm, teacher=teacher)
+    structural = prune_units(copy.deepcopy(teacher), heads=heads, neurons=neurons)
+    res = least_squares(structural, batches, teacher=teacher)
+    assert res.neuron_scales[1].shape == (0,)
+    torch.testing.assert_close(_logits(structural, batches), _logits(masked, batches), atol=5e-5, rtol=0)
+
+
 def test_bad_arguments_are_refused():
     model = tiny_model("bert")
     with pytest.raises(RecoveryError, match="head_mask of layer 1"):
