@@ -40,7 +40,7 @@ import numpy as np
 
 from .errors import RunError
 
-__all__ = ["Candidate", "BATCH_SIZES", "feed_batches", "time_models", "folder_candidates", "candidates", "bench_run", "cpu_name"]
+__all__ = ["Candidate", "BATCH_SIZES", "feed_batches", "time_models", "folder_candidates", "candidates", "time_run", "bench_run", "cpu_name"]
 
 BATCH_SIZES = (1, 16)
 PRECISIONS = ("float32", "int8")
@@ -205,6 +205,39 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
+def time_run(
+    models: Sequence[Candidate],
+    examples,
+    run_dir: str | Path,
+    *,
+    sentences: int,
+    threads: int | None,
+    rounds: int,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    max_length: int | None = None,
+) -> list[dict]:
+    """:func:`time_models` on the first ``sentences`` of ``examples`` (:class:`prune_attattr.tasks.Examples`,
+    pairs included), each row's ``file`` relative to ``run_dir`` where it lies inside it: the timing of
+    a run's graphs, shared by the export stage (:func:`prune_attattr.deployment.deploy_run`) and
+    :func:`bench_run`."""
+    n = min(sentences, len(examples))
+    rows = time_models(
+        models,
+        examples.texts[:n],
+        examples.pairs[:n] if examples.pairs is not None else None,
+        threads=threads,
+        batch_sizes=batch_sizes,
+        rounds=rounds,
+        max_length=max_length,
+    )
+    for r in rows:
+        try:
+            r["file"] = str(Path(r["file"]).relative_to(run_dir))
+        except ValueError:  # a graph outside the run folder keeps its path
+            pass
+    return rows
+
+
 def bench_run(
     run_dir: str | Path,
     *,
@@ -257,16 +290,7 @@ def bench_run(
         for c in models:
             c.metric = evaluate_onnx(c.path, dev, metrics, threads=threads)[metric]
         source = f"measured here on {len(dev)} dev examples"
-    rows = time_models(
-        models,
-        dev.texts[:n],
-        dev.pairs[:n] if dev.pairs is not None else None,
-        threads=threads,
-        batch_sizes=batch_sizes,
-        rounds=rounds,
-    )
-    for r in rows:
-        r["file"] = str(Path(r["file"]).relative_to(run_dir))
+    rows = time_run(models, dev, run_dir, sentences=n, threads=threads, rounds=rounds, batch_sizes=batch_sizes)
     return {
         "run": str(run_dir),
         "metric": metric,

@@ -10,7 +10,7 @@ wrote ``<run>/onnx/model.onnx`` (pruned) and, for the comparison, ``<run>/unprun
    baseline;
 2. the pruned folder is deployed with the floor ``baseline - max_drop``: an int8 graph below it is not
    shipped (``model.onnx`` stays float32, and the result says so);
-3. every graph is timed at batch 1 and 16 on real dev sentences (:func:`prune_attattr.bench.time_models`).
+3. every graph is timed at batch 1 and 16 on real dev sentences (:func:`prune_attattr.bench.time_run`).
 
 The returned dict is the report's ``export.deployment``; :func:`prune_attattr.report.deployment_table`
 and :func:`prune_attattr.report.deployment_markdown` render its ``bench`` entry, and
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .bench import cpu_name, folder_candidates, time_models
+from .bench import cpu_name, folder_candidates, time_run
 from .onnx_eval import evaluate_onnx
 from .quantize import deploy
 from .tasks import Examples
@@ -90,21 +90,8 @@ def deploy_run(
     models = folder_candidates("pruned", Path(pruned_onnx).parent, pruned, metric)
     if unpruned is not None:
         models = folder_candidates("unpruned", Path(unpruned_onnx).parent, unpruned, metric) + models
-    run_dir = Path(pruned_onnx).parent.parent
     n = min(bench_sentences, len(examples))
-    rows = time_models(
-        models,
-        examples.texts[:n],
-        examples.pairs[:n] if examples.pairs is not None else None,
-        threads=threads,
-        rounds=bench_rounds,
-        max_length=max_length,
-    )
-    for r in rows:
-        try:
-            r["file"] = str(Path(r["file"]).relative_to(run_dir))
-        except ValueError:
-            pass
+    rows = time_run(models, examples, Path(pruned_onnx).parent.parent, sentences=n, threads=threads, rounds=bench_rounds, max_length=max_length)
     return {
         "metric": metric,
         "baseline": base,
