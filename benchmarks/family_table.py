@@ -27,7 +27,7 @@ from conftest import FAMILY_KINDS, save_tiny_classifier, tiny_batch  # noqa: E40
 from test_families import _STOCK_LOADER, PRUNE, _brute_force, _masked_logits  # noqa: E402
 
 from prune_attattr import attention_attribution, load_classifier, load_pruned, prune_heads, save_pruned  # noqa: E402
-from prune_attattr.export import check_onnx, export_onnx_folder  # noqa: E402
+from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder  # noqa: E402
 from prune_attattr.models import ModelError, forward_logits, input_names  # noqa: E402
 
 

@@ -3,7 +3,7 @@ unit kind, before recovery, after least squares and after distillation.
 
 For each method (AttAttr, Fisher, Taylor, random), unit kind (``both``: heads and feed-forward neurons under
 one budget; ``heads``: heads only) and FLOPs budget, the units to keep are chosen from the method's head and
-neuron scores (:func:`prune_attattr.flops_curve.choose_units`, the method's balance as the pipeline uses it),
+neuron scores (:func:`prune_attattr.prune.curve.choose_units`, the method's balance as the pipeline uses it),
 a copy of the fine-tuned model is pruned structurally and evaluated on the dev split (before recovery);
 then one copy is recovered by least squares (Kwon et al. 2022's layer-wise rescaling,
 ``recovery.least_squares_examples``) and another by distillation (the recipe's ``recovery`` settings,
@@ -34,13 +34,13 @@ import sys
 from accelerate.utils import set_seed
 
 from prune_attattr.config import RecipeError, load_recipe
-from prune_attattr.cost import unit_flops
+from prune_attattr.prune.cost import unit_flops
 from prune_attattr.errors import RunError
 from prune_attattr.evaluation import evaluate_model
-from prune_attattr.flops_curve import balance_for, choose_units, flops_fraction
-from prune_attattr.recovery import recover
+from prune_attattr.prune.curve import balance_for, choose_units, flops_fraction
+from prune_attattr.recover.distill import recover
 from prune_attattr.registry import NEURON_METHODS
-from prune_attattr.search import SearchError
+from prune_attattr.prune.search import SearchError
 from prune_attattr.stages.context import cached_evaluate, mean_length
 from prune_attattr.stages.export import prune_copy
 from prune_attattr.stages.importance import cached_importance

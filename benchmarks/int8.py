@@ -3,7 +3,7 @@ and 16 against float32, for each int8 variant, on this CPU.
 
 Graphs, all from one torch.onnx (dynamo) export of the fine-tuned model:
     fp32            the exporter's graph (the reference row)
-    fp32 fused      ONNX Runtime's fused kernels (prune_attattr.quantize.fuse)
+    fp32 fused      ONNX Runtime's fused kernels (prune_attattr.deploy.quantize.fuse)
     int8 s8         U8S8 dynamic quantization, weights per output channel, then fused (what export.quantize
                     int8 ships by default)
     int8 s8 tensor  U8S8 with one weight scale per tensor, fused
@@ -15,7 +15,7 @@ Graphs, all from one torch.onnx (dynamo) export of the fine-tuned model:
 Accuracy: the whole dev split, each sentence alone (batch 1, as export.max_drop judges it), tokenised by the
 model's own tokenizer with its default truncation; "agree" is the share of dev predictions equal to fp32's;
 int8 s8 is also evaluated in batches of 32 (dynamic quantization takes each activation's scale from the
-whole batch, padding included). Timing: prune_attattr.bench.time_models (warm-up, alternating rounds, medians).
+whole batch, padding included). Timing: prune_attattr.deploy.bench.time_models (warm-up, alternating rounds, medians).
 
 Run (about 4 minutes on 2 cores; the fine-tuned model: the newest complete cache entry by default):
     PYTHONPATH=$PWD python benchmarks/int8.py [--model FOLDER] [--threads 2] [--sentences 256] [--rounds 5]
@@ -58,12 +58,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from prune_attattr.bench import Candidate, cpu_name, time_models
+    from prune_attattr.deploy.bench import Candidate, cpu_name, time_models
     from prune_attattr.evaluation import compute_metrics
-    from prune_attattr.export import export_onnx_folder
+    from prune_attattr.deploy.onnx_export import export_onnx_folder
     from prune_attattr.loading import load_classifier
-    from prune_attattr.onnx_eval import predict_onnx
-    from prune_attattr.quantize import fuse, max_logit_diff, quantize_int8
+    from prune_attattr.deploy.onnx_eval import predict_onnx
+    from prune_attattr.deploy.quantize import fuse, max_logit_diff, quantize_int8
     from prune_attattr.report import deployment_table
     from prune_attattr.tasks import glue_path, read_examples
     from rich.console import Console

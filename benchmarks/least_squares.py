@@ -1,10 +1,10 @@
 """Least-squares mask tuning on the embedded MiniLM fine-tuned on SST-2: dev accuracy before/after, seconds.
 
-Heads and feed-forward neurons are masked at a FLOPs budget (:func:`prune_attattr.search.search_units`,
+Heads and feed-forward neurons are masked at a FLOPs budget (:func:`prune_attattr.prune.search.search_units`,
 one budget for both) by random scores, by Fisher scores computed here (Kwon et al. 2022: sum over
 examples of the squared gradient of the loss with respect to each unit's mask; 256 training sentences),
 or by scores from a JSON file ``{"heads": [[...]], "neurons": [[...]]}``; then
-:func:`prune_attattr.rescale.least_squares` tunes the kept units' scales on a few thousand training
+:func:`prune_attattr.recover.rescale.least_squares` tunes the kept units' scales on a few thousand training
 tokens. Costs per token (multiply-adds, issue 15): a head ``4 d d_h + 2 T d_h``, a neuron ``2 d``, at
 the mean SST-2 dev length ``T``; embeddings and classifier are left out.
 
@@ -42,8 +42,8 @@ from prune_attattr.attention import AttentionControl
 from prune_attattr.cache import cache_root, entry_complete
 from prune_attattr.loading import load_classifier
 from prune_attattr.models import encoder_layers, forward_logits, head_dim, intermediate_size, self_attention
-from prune_attattr.rescale import least_squares, masks_from_pruned
-from prune_attattr.search import search_units
+from prune_attattr.recover.rescale import least_squares, masks_from_pruned
+from prune_attattr.prune.search import search_units
 from prune_attattr.tasks import GLUE_TASKS, encode, glue_path, make_dataloader, read_examples
 
 

@@ -23,8 +23,8 @@ from prune_attattr.models import num_heads_total
 from prune_attattr.stages.importance import compute_importance
 from prune_attattr.stages.prepare import prepare
 from prune_attattr.stages.recovery import recovery_train_set
-from prune_attattr.pruning import heads_to_prune, prune_heads
-from prune_attattr.recovery import recover, recovery_dataloader, teacher_logits
+from prune_attattr.prune.heads import heads_to_prune, prune_heads
+from prune_attattr.recover.distill import recover, recovery_dataloader, teacher_logits
 
 
 def main() -> None:

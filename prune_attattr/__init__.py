@@ -15,14 +15,14 @@ Library API (the CLI is a thin layer over it):
 
 from .attention import AttentionControl, register_attention
 from .config import Recipe, RecipeError, load_recipe
-from .checkpoint import load_pruned, save_pruned
+from .prune.checkpoint import load_pruned, save_pruned
 from .importance.attattr import attention_attribution
 from .loading import load_classifier
 from .models import kept_heads
-from .neuron_pruning import prune_neurons, prune_units
+from .prune.neurons import prune_neurons, prune_units
 from .pipeline import run
-from .pruning import heads_to_prune, prune_heads, pruning_curve
-from .recovery import recover
+from .prune.heads import heads_to_prune, prune_heads, pruning_curve
+from .recover.distill import recover
 
 __version__ = "0.1.0"
 

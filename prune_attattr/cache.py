@@ -2,7 +2,7 @@
 
 Two kinds of entries live under :func:`cache_root`:
 
-- ``finetuned/<key>/``: a fine-tuned model (see :mod:`prune_attattr.finetune`). Written to a temporary
+- ``finetuned/<key>/``: a fine-tuned model (see :mod:`prune_attattr.recover.finetune`). Written to a temporary
   folder, completed with a :data:`COMPLETE` marker that lists every file and its size, then renamed
   into place; :func:`entry_complete` checks the marker before an entry is reused.
 - ``stages/<key>.json``: a stage result (one method's head importance, one evaluated pruning step).

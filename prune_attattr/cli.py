@@ -1,6 +1,6 @@
 """Command line: ``prune-attattr RECIPE.yaml [--set key.sub=value ...] [--force] [--no-cache]``, and
 ``prune-attattr bench exported/<run> [--threads N] [--sentences N] [--rounds N] [--eval] [--json FILE]``, which
-re-times a finished run's ONNX graphs on this machine (:func:`prune_attattr.bench.bench_run`; it writes
+re-times a finished run's ONNX graphs on this machine (:func:`prune_attattr.deploy.bench.bench_run`; it writes
 nothing but the ``--json`` file).
 
 A thin layer over :func:`prune_attattr.pipeline.run`: bad input ends with one line on stderr and
@@ -63,7 +63,7 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str]) -> int:
-    """``prune-attattr bench RUN``: print the deployment table of :func:`prune_attattr.bench.bench_run`.
+    """``prune-attattr bench RUN``: print the deployment table of :func:`prune_attattr.deploy.bench.bench_run`.
 
     The table is printed whole (never cut to the terminal's width) when stdout is not a terminal."""
     args = _bench_parser().parse_args(argv)
@@ -77,7 +77,7 @@ def bench_main(argv: list[str]) -> int:
 
     from rich.console import Console
 
-    from .bench import bench_run
+    from .deploy.bench import bench_run
     from .errors import RunError
     from .models import ModelError
     from .report import deployment_table

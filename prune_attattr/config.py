@@ -168,7 +168,7 @@ class PruningSettings(_Strict):
     ``units: heads`` removes ``step_fraction`` of the heads per step (the paper's curves, accuracy vs
     heads kept). ``units: neurons`` or ``both`` prunes feed-forward neurons (and heads) under a FLOPs
     budget: one curve step per entry of ``flops_steps`` (fraction of the unpruned FLOPs per token),
-    the units kept chosen by :mod:`prune_attattr.search` from each method's scores. ``compare_units``
+    the units kept chosen by :mod:`prune_attattr.prune.search` from each method's scores. ``compare_units``
     adds curves of other unit kinds to the same report (e.g. heads only beside both).
 
     Sample YAML::
@@ -187,7 +187,7 @@ class PruningSettings(_Strict):
     )
     balance: Literal["auto", "cost", "none"] = Field(
         "auto",
-        description="units both: how head and neuron scores share one scale in the FLOPs search (prune_attattr.search): "
+        description="units both: how head and neuron scores share one scale in the FLOPs search (prune_attattr.prune.search): "
         "none = raw scores (Kwon et al.), cost = each kind's total importance per FLOP equalised; auto = none for fisher, cost otherwise",
     )
     step_fraction: float = Field(0.1, gt=0, le=1, description="units heads: fraction of all heads removed per step")

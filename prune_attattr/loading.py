@@ -1,7 +1,7 @@
 """Load a classifier, pruned or not: the one loader the stages and users call.
 
 It sits above :mod:`prune_attattr.models` (unpruned loading, running layer by layer) and
-:mod:`prune_attattr.checkpoint` (pruned checkpoints), so neither imports the other's loader and no
+:mod:`prune_attattr.prune.checkpoint` (pruned checkpoints), so neither imports the other's loader and no
 import circle forms (ARCHITECTURE.md: checkpoint I/O above models and pruning).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import load_pruned
+from .prune.checkpoint import load_pruned
 from .families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY
 from .models import load_unpruned
 
@@ -27,9 +27,9 @@ def load_classifier(
 ) -> nn.Module:
     """Load a sequence classifier from a local directory, in eval mode, float32, with our attention function.
 
-    A directory written by :func:`prune_attattr.checkpoint.save_pruned` (its config records pruned heads
+    A directory written by :func:`prune_attattr.prune.checkpoint.save_pruned` (its config records pruned heads
     or neurons) is rebuilt with those units removed before its weights are loaded
-    (:func:`~prune_attattr.checkpoint.load_pruned`); any other goes to :func:`prune_attattr.models.load_unpruned`.
+    (:func:`~prune_attattr.prune.checkpoint.load_pruned`); any other goes to :func:`prune_attattr.models.load_unpruned`.
 
     Args:
         path: local model directory (see :func:`prune_attattr.models.resolve_model_path` for hub ids).

@@ -128,7 +128,7 @@ def load_unpruned(
     """Load an unpruned sequence classifier from a local directory, in eval mode, with our attention function.
 
     float16/bfloat16 checkpoints are loaded and cast to float32 (attribution and masking math runs in
-    float32). A folder written by :func:`prune_attattr.checkpoint.save_pruned` is refused here: load it
+    float32). A folder written by :func:`prune_attattr.prune.checkpoint.save_pruned` is refused here: load it
     with :func:`prune_attattr.loading.load_classifier` (which dispatches) or ``load_pruned``.
 
     Args:

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from conftest import tiny_batch, tiny_model
 
 from prune_attattr.models import forward_logits, kept_heads, kept_neurons
-from prune_attattr.rescale import least_squares
+from prune_attattr.recover.rescale import least_squares
 from prune_attattr.sharding import my_share
 
 

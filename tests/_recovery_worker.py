@@ -17,7 +17,7 @@ from conftest import tiny_batch, tiny_model
 from prune_attattr import prune_heads, recover
 from prune_attattr.config import RecoverySettings
 from prune_attattr.models import forward_logits
-from prune_attattr.recovery import recovery_dataloader, teacher_logits
+from prune_attattr.recover.distill import recovery_dataloader, teacher_logits
 from prune_attattr.tasks import Encoded
 
 

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_batch, tiny_model
 
 from prune_attattr import load_classifier, load_pruned, prune_heads, save_pruned
-from prune_attattr.export import check_onnx, export_onnx, onnx_latency
+from prune_attattr.deploy.onnx_export import check_onnx, export_onnx, onnx_latency
 from prune_attattr.models import forward_logits, kept_heads
 
 

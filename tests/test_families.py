@@ -18,7 +18,7 @@ from conftest import FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_config, tiny_mo
 
 from prune_attattr import AttentionControl, attention_attribution, load_classifier, load_pruned, prune_heads, save_pruned
 from prune_attattr import importance as imp
-from prune_attattr.export import check_onnx, export_onnx_folder
+from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder
 from prune_attattr.importance.attattr import quadrature_nodes
 from prune_attattr.models import ModelError, forward_logits, input_names, kept_heads, prepare
 from prune_attattr.tasks import Encoded, make_dataloader

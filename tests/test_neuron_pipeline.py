@@ -56,7 +56,7 @@ def test_flops_budget_pipeline_exports_within_budget(tmp_path, tiny_dir, capsys)
     assert sum(len(n) for n in kept_neurons(model)) == exp["neurons_kept"]
     assert exp["onnx"]["max_abs_diff"] < 1e-4
     # issue 16: the deployed (int8) graph's metric in the report is an ONNX Runtime evaluation of the shipped file
-    from prune_attattr.onnx_eval import evaluate_onnx
+    from prune_attattr.deploy.onnx_eval import evaluate_onnx
     from prune_attattr.tasks import load_task_data
 
     deployed = exp["deployment"]["pruned"]

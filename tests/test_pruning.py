@@ -8,7 +8,7 @@ from conftest import tiny_batch, tiny_model
 
 from prune_attattr import AttentionControl, kept_heads, prune_heads, pruning_curve
 from prune_attattr.models import forward_logits
-from prune_attattr.pruning import count_parameters, heads_to_prune, pruned_heads_of
+from prune_attattr.prune.heads import count_parameters, heads_to_prune, pruned_heads_of
 
 
 def _masked_logits(model, batch, heads):

@@ -15,15 +15,15 @@ import yaml
 from conftest import FAMILY_KINDS, WORDS, tiny_batch, tiny_model, tiny_tokenizer
 
 from prune_attattr import prune_heads
-from prune_attattr.bench import Candidate, time_models
+from prune_attattr.deploy.bench import Candidate, time_models
 from prune_attattr.cli import main
 from prune_attattr.config import RecipeError, load_recipe
-from prune_attattr.deployment import deploy_run
+from prune_attattr.deploy.deployment import deploy_run
 from prune_attattr.errors import RunError
-from prune_attattr.export import export_onnx_folder
+from prune_attattr.deploy.onnx_export import export_onnx_folder
 from prune_attattr.models import forward_logits
-from prune_attattr.onnx_eval import evaluate_onnx, predict_onnx
-from prune_attattr.quantize import deploy, graph_precision, logits, session
+from prune_attattr.deploy.onnx_eval import evaluate_onnx, predict_onnx
+from prune_attattr.deploy.quantize import deploy, graph_precision, logits, session
 from prune_attattr.report import deployment_markdown
 from prune_attattr.tasks import Examples
 
@@ -59,7 +59,7 @@ def test_int8_logits_close_to_float_every_family(kind, tmp_path):
     assert info["files"] == {"float32": "model_fp32.onnx", "int8": "model.onnx"} and info["precision"] == "int8"
     assert graph_precision(folder / "model.onnx") == "int8" and graph_precision(folder / "model_fp32.onnx") == "float32"
     assert info["mb"]["int8"] < info["mb"]["float32"]
-    # every family gets fused attention, float32 and int8 alike (module docstring of prune_attattr.quantize)
+    # every family gets fused attention, float32 and int8 alike (module docstring of prune_attattr.deploy.quantize)
     for precision in ("float32", "int8"):
         fused = info["fusion"][precision]
         assert fused["fused"], fused["note"]
@@ -128,7 +128,7 @@ def test_quantize_none_writes_one_fused_float_graph(bert_export, tmp_path):
 
 def test_a_fusion_that_changes_the_outputs_is_dropped(bert_export, tmp_path, monkeypatch):
     """The verification is real: a 'fusion' that returns another model's graph is refused, for both precisions."""
-    import prune_attattr.quantize as q
+    import prune_attattr.deploy.quantize as q
 
     _, other = _export("bert", tmp_path / "other", seed=5)
     model, path = _copy(bert_export, tmp_path)
@@ -148,7 +148,7 @@ def test_a_fusion_that_changes_the_outputs_is_dropped(bert_export, tmp_path, mon
 
 
 def test_a_fusion_that_fails_is_reported_and_skipped(bert_export, tmp_path, monkeypatch):
-    import prune_attattr.quantize as q
+    import prune_attattr.deploy.quantize as q
 
     _, path = _copy(bert_export, tmp_path)
 
@@ -282,7 +282,7 @@ def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_pat
 
 
 def test_bench_eval_measures_the_metric_here(tiny_run):
-    from prune_attattr.bench import bench_run
+    from prune_attattr.deploy.bench import bench_run
     from prune_attattr.config import load_recipe as load
     from prune_attattr.tasks import load_task_data
 

@@ -14,13 +14,13 @@ from _recovery_worker import no_dropout, synthetic
 from conftest import tiny_batch, tiny_model
 
 from prune_attattr import AttentionControl, kept_heads, load_pruned, prune_heads, recover
-from prune_attattr.budget import search_budget
+from prune_attattr.prune.budget import search_budget
 from prune_attattr.config import RecipeError, RecoverySettings, load_recipe
-from prune_attattr.cost import flops_per_token
+from prune_attattr.prune.cost import flops_per_token
 from prune_attattr.evaluation import evaluate_model
 from prune_attattr.models import forward_logits
-from prune_attattr.pruning import pruned_heads_of
-from prune_attattr.recovery import RecoveryError, kd_loss, recovery_dataloader, teacher_logits
+from prune_attattr.prune.heads import pruned_heads_of
+from prune_attattr.recover.distill import RecoveryError, kd_loss, recovery_dataloader, teacher_logits
 from prune_attattr.tasks import make_dataloader
 
 HERE = Path(__file__).parent
@@ -417,7 +417,7 @@ def test_iterative_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
     from prune_attattr.stages.curves import iterative_curve
     from prune_attattr.stages.prepare import prepare
     from prune_attattr.stages.recovery import RecoveryState
-    from prune_attattr.pruning import pruning_curve
+    from prune_attattr.prune.heads import pruning_curve
 
     monkeypatch.chdir(tmp_path)
     recipe = _keyword_recipe(tmp_path, 320, 64, 3, [

@@ -13,9 +13,9 @@ import torch
 from conftest import FAMILY_KINDS, tiny_batch, tiny_model
 from prune_attattr.attention import AttentionControl
 from prune_attattr.models import feed_forward, forward_logits, kept_heads, kept_neurons, output_projection, encoder_layers
-from prune_attattr.pruning import prune_heads
-from prune_attattr.recovery import RecoveryError
-from prune_attattr.rescale import fold_scales, least_squares, masks_from_pruned
+from prune_attattr.prune.heads import prune_heads
+from prune_attattr.recover.distill import RecoveryError
+from prune_attattr.recover.rescale import fold_scales, least_squares, masks_from_pruned
 
 HERE = Path(__file__).parent
 
@@ -134,7 +134,7 @@ def test_structurally_pruned_equals_masked():
 def test_structurally_pruned_neurons_equal_masked(kind):
     """Heads and neurons pruned structurally, a layer with no neurons left (its second map is a bias alone):
     least squares gives the masked model's result (found by a CLI run on DeBERTa: folding hit the bias-only map)."""
-    from prune_attattr.neuron_pruning import prune_units
+    from prune_attattr.prune.neurons import prune_units
 
     teacher = tiny_model(kind, init=0.1)
     n = len(kept_neurons(teacher)[0])

@@ -47,7 +47,7 @@ def test_finetune_key_hashes_weights_not_sizes(tmp_path):
     """Two checkpoints with the same config and file sizes but different weights get different keys."""
     from conftest import tiny_model
 
-    from prune_attattr.finetune import finetune_key
+    from prune_attattr.recover.finetune import finetune_key
     from prune_attattr.tasks import Encoded
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
@@ -199,6 +199,42 @@ def test_stage_modules_import_one_way():
         visit(name, [])
 
 
+#: The pipeline's steps in order (ARCHITECTURE.md): a step's folder imports the base, loading and steps
+#: before it, never one after it; analyses and report sit above the steps, stages above them all.
+_STEP_ORDER = ["importance", "prune", "loading", "recover", "deploy", "analyses", "report", "stages"]
+
+
+def _group(module: str) -> str:
+    top = module.split(".")[0]
+    return top if top in _STEP_ORDER else ("face" if module in ("cli", "pipeline", "") else "base")
+
+
+def test_step_folders_import_only_earlier_steps():
+    """prune/ never imports recover/ or deploy/, recover/ never deploy/, the base never a step (a module
+    moved to the wrong folder or an import against the data's way fails here)."""
+    pkg = ROOT / "prune_attattr"
+    rank = {g: i for i, g in enumerate(["base", *_STEP_ORDER, "face"])}
+    wrong = []
+    for f in pkg.rglob("*.py"):
+        if "templates" in f.parts or "metrics" in f.parts:
+            continue
+        rel = f.relative_to(pkg).with_suffix("")
+        mod = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        here = mod.split(".") if f.name == "__init__.py" else mod.split(".")[:-1]
+        for node in _imported(f):
+            if node.level == 0:
+                continue
+            base = here[: len(here) - (node.level - 1)] if node.level > 1 else here
+            target = ".".join([*base, *(node.module.split(".") if node.module else [])]).strip(".")
+            if target == "" and node.module is None:  # `from .. import importance`
+                target = ".".join(n.name for n in node.names[:1])
+            a, b = _group(mod), _group(target)
+            if rank[b] > rank[a]:
+                wrong.append(f"{mod} -> {target}")
+    assert not wrong, wrong
+    assert {d.name for d in pkg.iterdir() if d.is_dir()} >= {"importance", "prune", "recover", "deploy", "analyses", "report", "stages"}
+
+
 def test_package_modules_import_one_way():
     """No import circle anywhere in prune_attattr, imports inside functions included (ARCHITECTURE.md: the
     old models -> checkpoint -> models circle of load_classifier is gone; checkpoint I/O sits above models)."""
@@ -227,7 +263,7 @@ def test_package_modules_import_one_way():
         edges[mod] = deps - {mod, ""}
     # a package's __init__ re-exports its modules; only edges between modules count as a circle
     edges = {m: {d for d in deps if not (m == "" or d == "" or m.startswith(d + ".") and modules[d].name == "__init__.py")} for m, deps in edges.items()}
-    assert "checkpoint" not in edges["models"] and "loading" not in edges["models"]
+    assert "prune.checkpoint" not in edges["models"] and "loading" not in edges["models"]
     done: set = set()
 
     def visit(mod, path):

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from prune_attattr.search import SearchError, lowest_fraction, search_units
+from prune_attattr.prune.search import SearchError, lowest_fraction, search_units
 
 # MiniLM-like costs per token at T = 25 (4*d*d_h + 2*T*d_h per head, 2*d per neuron, in multiply-adds)
 L, H, I = 6, 12, 96

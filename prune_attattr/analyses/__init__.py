@@ -13,7 +13,6 @@ and the report's Markdown are rendered by :mod:`prune_attattr.report`.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 __all__ = ["run_analyses", "display_labels", "check_universality_sets"]
 
@@ -83,11 +82,9 @@ def _universality_sets(recipe, ctx, n: int) -> dict:
     return out
 
 
-def run_analyses(prep, out_dir: Path | None) -> dict:
-    """Run the analyses enabled in ``prep.ctx.recipe.analyses``; return their data.
-
-    When ``out_dir`` is given (main process), :func:`prune_attattr.report.write_analyses_files`
-    writes each analysis' JSON and PNG there.
+def run_analyses(prep) -> dict:
+    """Run the analyses enabled in ``prep.ctx.recipe.analyses``; return their data (the analyses stage
+    renders it with :func:`prune_attattr.report.write_analyses_files`).
 
     Returns:
         ``{"labels": [...], "trees": [...], "effectiveness": {...}, "connections": {...},
@@ -98,7 +95,6 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
 
     ctx, model, r = prep.ctx, prep.model, prep.ctx.recipe
     a = r.analyses
-    main = ctx.accelerator.is_main_process
     names = display_labels(r, ctx.labels)
     summary: dict = {"labels": names}
 
@@ -171,9 +167,4 @@ def run_analyses(prep, out_dir: Path | None) -> dict:
                 **result,
                 "paper_table": paper_table(result, 3),
             }
-
-    if main and out_dir is not None:
-        from ..report import write_analyses_files
-
-        write_analyses_files(summary, out_dir)
     return summary

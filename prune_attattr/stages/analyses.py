@@ -15,5 +15,9 @@ def analyses_stage(prep: Prepared, tmp: Path | None) -> dict:
     if not (a.tree.enabled or a.triggers.enabled or a.effectiveness.enabled or a.connections.enabled or a.universality.enabled):
         return {}
     from ..analyses import run_analyses
+    from ..report import write_analyses_files
 
-    return run_analyses(prep, tmp / "analyses" if tmp is not None else None)
+    summary = run_analyses(prep)
+    if tmp is not None and prep.ctx.accelerator.is_main_process:
+        write_analyses_files(summary, tmp / "analyses")
+    return summary

@@ -20,8 +20,8 @@ from ..cache import StageCache, digest, encoded_digest
 from ..config import Recipe
 from ..evaluation import evaluate_model
 from ..progress import console
-from ..neuron_pruning import pruned_neurons_of
-from ..pruning import pruned_heads_of
+from ..prune.neurons import pruned_neurons_of
+from ..prune.heads import pruned_heads_of
 from ..tasks import Encoded, Examples, make_dataloader
 
 __all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "mean_length", "cached_evaluate"]

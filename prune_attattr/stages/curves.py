@@ -1,8 +1,8 @@
 """Stage "pruning curves": prune each method's least important units step by step, evaluating each step.
 
-``pruning.units: heads``: :func:`curves_stage` runs :func:`prune_attattr.pruning.pruning_curve` per
+``pruning.units: heads``: :func:`curves_stage` runs :func:`prune_attattr.prune.heads.pruning_curve` per
 method (accuracy vs heads kept; each step's FLOPs fraction is recorded too). ``neurons`` or ``both``:
-:func:`prune_attattr.flops_curve.flops_curve` per method, one step per ``pruning.flops_steps`` budget
+:func:`prune_attattr.prune.curve.flops_curve` per method, one step per ``pruning.flops_steps`` budget
 (accuracy vs FLOPs kept); a head-only method (accuracy difference, attention) prunes heads on the same
 axis. ``pruning.compare_units`` adds each method's curve for other unit kinds, named
 ``"<method> (<units>)"`` (:func:`curve_name`). Every evaluated step (and every re-scoring with
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..cost import UnitCosts, unit_flops
+from ..prune.cost import UnitCosts, unit_flops
 from ..evaluation import evaluate_model
-from ..flops_curve import balance_for, flops_curve
-from ..pruning import pruned_heads_of, pruning_curve
-from ..recovery import recover, recovery_dataloader
+from ..prune.curve import balance_for, flops_curve
+from ..prune.heads import pruned_heads_of, pruning_curve
+from ..recover.distill import recover, recovery_dataloader
 from ..registry import NEURON_METHODS
 from .context import Prepared, cached_evaluate, mean_length
 from .importance import cached_importance, compute_importance
@@ -93,7 +93,7 @@ def _counting_evaluate(prep: Prepared):
 
 
 def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str) -> list:
-    """``method``'s curve over ``pruning.flops_steps`` (:func:`prune_attattr.flops_curve.flops_curve`),
+    """``method``'s curve over ``pruning.flops_steps`` (:func:`prune_attattr.prune.curve.flops_curve`),
     every step's evaluation cached."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]

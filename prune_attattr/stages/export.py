@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from ..errors import RunError
-from ..cost import unit_flops
-from ..flops_curve import balance_for, choose_units, flops_fraction
+from ..prune.cost import unit_flops
+from ..prune.curve import balance_for, choose_units, flops_fraction
 from ..models import forward_logits, input_names, kept_neurons, num_heads_total
-from ..neuron_pruning import prune_units
-from ..pruning import count_parameters, heads_to_prune
-from ..search import SearchError
+from ..prune.neurons import prune_units
+from ..prune.heads import count_parameters, heads_to_prune
+from ..prune.search import SearchError
 from ..tasks import Encoded, make_dataloader
 from .context import Prepared, cached_evaluate, mean_length
 
@@ -95,7 +95,7 @@ def exact_heads_target(prep: Prepared, scores: torch.Tensor, curve: list) -> tup
 def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, curve: list):
     """The model ``export.heads`` or ``export.flops`` asks for: ``(index, pruned_heads, pruned_neurons, rule)``
     with ``index`` the curve step that is that model, or None when no step is (the units are then chosen
-    like the curve's: the lowest-scored heads, or :func:`prune_attattr.flops_curve.choose_units` at that budget).
+    like the curve's: the lowest-scored heads, or :func:`prune_attattr.prune.curve.choose_units` at that budget).
 
     Raises:
         RunError: ``export.heads`` above the model's head count; an ``export.flops`` budget the curve's
@@ -166,11 +166,11 @@ def latency_feeds(prep: Prepared) -> dict:
 
 
 def measure_latency(prep: Prepared, model, feeds: dict, example: dict | None = None, path: Path | None = None) -> dict:
-    """ONNX Runtime latency (:func:`prune_attattr.export.onnx_latency`, ms) of ``model`` on ``feeds``: of the
+    """ONNX Runtime latency (:func:`prune_attattr.deploy.onnx_export.onnx_latency`, ms) of ``model`` on ``feeds``: of the
     graph at ``path``, or of ``model`` exported (with ``example``) to a temporary file. The one latency
     measurement of the export and recovery stages, so their figures compare; the unpruned model's is
     measured once per run (``prep.unpruned_latency``)."""
-    from ..export import export_onnx, onnx_latency
+    from ..deploy.onnx_export import export_onnx, onnx_latency
 
     if model is prep.model and path is None and prep.unpruned_latency is not None:
         return prep.unpruned_latency
@@ -193,8 +193,8 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
     Raises:
         RunError: ONNX logits differ from PyTorch by more than 1e-4.
     """
-    from ..checkpoint import load_pruned, save_pruned
-    from ..export import check_onnx, export_onnx_folder
+    from ..prune.checkpoint import load_pruned, save_pruned
+    from ..deploy.onnx_export import check_onnx, export_onnx_folder
 
     ctx = prep.ctx
     e = ctx.recipe.export
@@ -234,9 +234,9 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
 def _deploy(prep: Prepared, onnx_path: Path, checks: list[dict], out: Path) -> dict:
     """Issue 16: export the unpruned model the same way (``out/unpruned/onnx``), deploy both graphs
     (``export.quantize``; the pruned one judged by ``export.max_drop`` on its own dev metric, measured by
-    ONNX Runtime on the whole dev split) and time them side by side (:func:`prune_attattr.deployment.deploy_run`)."""
-    from ..deployment import deploy_run
-    from ..export import export_onnx_folder
+    ONNX Runtime on the whole dev split) and time them side by side (:func:`prune_attattr.deploy.deployment.deploy_run`)."""
+    from ..deploy.deployment import deploy_run
+    from ..deploy.onnx_export import export_onnx_folder
 
     ctx, r = prep.ctx, prep.ctx.recipe
     e = r.export

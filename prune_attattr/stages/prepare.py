@@ -84,8 +84,8 @@ def check_flops_budget(recipe: Recipe, model: torch.nn.Module, seq_len: float) -
         RunError: a budget below the lowest FLOPs fraction the units can reach (e.g. heads alone cannot
             remove the feed-forward blocks' share), with that fraction.
     """
-    from ..cost import unit_flops
-    from ..search import lowest_fraction
+    from ..prune.cost import unit_flops
+    from ..prune.search import lowest_fraction
 
     e, units = recipe.export, recipe.pruning.units
     if not (e.enabled and recipe.pruning.enabled and e.flops is not None):
@@ -149,7 +149,7 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     finetune_info = None
     model_dir = model_path
     if ft_enc is not None:
-        from ..finetune import finetune
+        from ..recover.finetune import finetune
 
         del model
         with ctx.stage("fine-tune"):

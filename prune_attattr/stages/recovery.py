@@ -3,8 +3,8 @@
 :func:`recovery_train_set` tokenises the recovery examples (disjoint from the importance examples);
 :class:`RecoveryState` holds them and the teacher's logits for the whole run (the iterative curve of
 :mod:`prune_attattr.stages.curves` shares it); :func:`recovery_stage` recovers the candidates
-(:func:`prune_attattr.recovery.recover`), picks the one ``export`` asks for, judged after recovery
-(:func:`prune_attattr.budget.search_budget`), and costs every tried model (:func:`model_cost`).
+(:func:`prune_attattr.recover.distill.recover`), picks the one ``export`` asks for, judged after recovery
+(:func:`prune_attattr.prune.budget.search_budget`), and costs every tried model (:func:`model_cost`).
 
 Both long parts are stage-cached (:meth:`prune_attattr.stages.context.RunContext.cached_tensors`): the
 teacher's logits, and each recovered candidate's weights with its metrics before/after recovery and its
@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..budget import search_budget
+from ..prune.budget import search_budget
 from ..cache import digest, encoded_digest, tensors_digest
 from ..config import Recipe
-from ..cost import flops_per_token, unit_flops
+from ..prune.cost import flops_per_token, unit_flops
 from ..errors import RunError
 from ..evaluation import evaluate_model
-from ..flops_curve import flops_fraction
+from ..prune.curve import flops_fraction
 from ..models import kept_neurons, num_heads_total
-from ..neuron_pruning import prune_units, pruned_neurons_of
-from ..pruning import count_parameters, pruned_heads_of
-from ..recovery import recover, recovery_dataloader, teacher_logits
-from ..rescale import least_squares
+from ..prune.neurons import prune_units, pruned_neurons_of
+from ..prune.heads import count_parameters, pruned_heads_of
+from ..recover.distill import recover, recovery_dataloader, teacher_logits
+from ..recover.rescale import least_squares
 from ..tasks import Encoded, encode, load_task_data, make_dataloader
 from .context import STAGE_CACHE_VERSION, Prepared, mean_length, pruned_key
 from .export import ExportChoice, example_batches, export_target, latency_feeds, measure_latency, within_budget
@@ -105,7 +105,7 @@ def _candidate_key(prep: Prepared, state: RecoveryState, student: torch.nn.Modul
 
 def model_cost(prep: Prepared, model, feeds: dict, example: dict) -> dict:
     """Heads and neurons kept, parameters, analytic FLOPs per token at the latency inputs' length
-    (:func:`prune_attattr.cost.flops_per_token`), the FLOPs fraction kept at the dev split's mean length
+    (:func:`prune_attattr.prune.cost.flops_per_token`), the FLOPs fraction kept at the dev split's mean length
     (the curves' axis), and (``export.onnx``, main process) the ONNX Runtime median latency in ms of one
     call on ``feeds``."""
     e = prep.ctx.recipe.export
@@ -136,7 +136,7 @@ class Recovered:
 
 def _least_squares(prep: Prepared, state: RecoveryState, student: torch.nn.Module) -> dict:
     """``recovery.mode: least_squares``: Kwon et al. 2022's layer-wise rescaling of ``student``'s kept
-    heads and neurons (:func:`prune_attattr.rescale.least_squares`, teacher the unpruned model), fitted
+    heads and neurons (:func:`prune_attattr.recover.rescale.least_squares`, teacher the unpruned model), fitted
     on the first ``recovery.least_squares_examples`` recovery examples, each process its share."""
     ctx, r = prep.ctx, prep.ctx.recipe
     n = min(r.recovery.least_squares_examples, len(state.train))
@@ -155,11 +155,11 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     """Stage "recovery": recover export candidates and pick the one ``export`` asks for, judged after recovery.
 
     ``export.heads`` / ``export.flops``: recovers that model. ``export.max_drop``:
-    :func:`prune_attattr.budget.search_budget` over ``curves[export.method]`` (steps ordered by falling
+    :func:`prune_attattr.prune.budget.search_budget` over ``curves[export.method]`` (steps ordered by falling
     cost: heads kept, or FLOPs kept), starting above the most pruned step within budget before recovery;
     each candidate tried is a copy of the pruned model (of its briefly recovered model with
     ``pruning.schedule: iterative``) recovered by ``recovery.mode``: distillation
-    (:func:`prune_attattr.recovery.recover`) or least squares (:func:`_least_squares`). Runs on every
+    (:func:`prune_attattr.recover.distill.recover`) or least squares (:func:`_least_squares`). Runs on every
     process. The unpruned model and every tried one get their cost (:func:`model_cost`) and metric
     before/after recovery in the report.
 

@@ -16,7 +16,7 @@ import yaml
 
 from ..models import num_heads_total
 from ..progress import console
-from ..pruning import count_parameters
+from ..prune.heads import count_parameters
 from .context import Prepared
 
 __all__ = ["build_report", "write_outputs"]

@@ -8,7 +8,7 @@ After heads are removed the remaining weights are fine-tuned on the training spl
 gradient scale of the soft term independent of ``T``; CoFi, Xia et al. 2022, section 3.3, distils the
 same way after structured pruning). The teacher's logits are computed once for every training example
 (:func:`teacher_logits`) and looked up by example index, never recomputed per epoch. AdamW with a
-linear schedule (:func:`prune_attattr.finetune.optimizer_and_schedule`), on Accelerate.
+linear schedule (:func:`prune_attattr.recover.finetune.optimizer_and_schedule`), on Accelerate.
 
 Pruned heads stay pruned: :func:`prune_attattr.prune_heads` removed their rows and columns, so the
 optimizer has no parameter to grow them back with.
@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .finetune import optimizer_and_schedule, train_epochs
-from .models import forward_logits, input_names, kept_heads
-from .progress import progress
-from .tasks import Encoded, make_dataloader
+from ..models import forward_logits, input_names, kept_heads
+from ..progress import progress
+from ..tasks import Encoded, make_dataloader
 
 __all__ = ["RecoveryError", "kd_loss", "recovery_dataloader", "teacher_logits", "recover"]
 
@@ -98,7 +98,7 @@ def recovery_dataloader(data: Encoded, *, batch_size: int, pad_id: int, seed: in
 
 def _check_loader(dataloader) -> None:
     if not hasattr(dataloader, "batch_sampler") or not hasattr(dataloader.batch_sampler, "set_epoch"):
-        raise RecoveryError("recover needs a dataloader from prune_attattr.recovery.recovery_dataloader (not yet prepared)")
+        raise RecoveryError("recover needs a dataloader from prune_attattr.recover.distill.recovery_dataloader (not yet prepared)")
 
 
 @torch.no_grad()

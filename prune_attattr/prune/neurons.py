@@ -7,7 +7,7 @@ neuron ``j`` deletes row ``j`` of the first map and of its bias and column ``j``
 first map (``glu``: ModernBERT's ``Wi`` holds the row blocks ``[x; gate]``), both rows of a neuron go.
 
 A layer that loses every neuron keeps a first map with no rows (``nn.Linear(hidden, 0)``, its output
-is empty and unused) and, in place of the second map, a bias-only module (:class:`~prune_attattr.pruning._BiasOnly`):
+is empty and unused) and, in place of the second map, a bias-only module (:class:`~prune_attattr.prune.heads._BiasOnly`):
 its feed-forward output is the second map's bias, exactly what a fully masked layer computes. A
 zero-width second map would compute the same in PyTorch and export to ONNX, but leaves zero-sized
 initialisers in the graph, and ONNX Runtime's int8 dynamic quantisation then gave wrong logits (a
@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
-from .families import PRUNED_NEURONS_KEY, set_path
-from .models import encoder_layers, feed_forward, intermediate_size, kept_neurons, prepare
-from .pruning import _BiasOnly, _bias_of, prune_heads
+from ..families import PRUNED_NEURONS_KEY, set_path
+from ..models import encoder_layers, feed_forward, intermediate_size, kept_neurons, prepare
+from .heads import _BiasOnly, _bias_of, prune_heads
 
 __all__ = ["prune_neurons", "pruned_neurons_of", "prune_units"]
 
@@ -104,7 +104,7 @@ def prune_units(
     heads: Mapping[int | str, Sequence[int]] | None = None,
     neurons: Mapping[int | str, Sequence[int]] | None = None,
 ) -> nn.Module:
-    """Remove attention heads (:func:`prune_attattr.pruning.prune_heads`) and feed-forward neurons
+    """Remove attention heads (:func:`prune_attattr.prune.heads.prune_heads`) and feed-forward neurons
     (:func:`prune_neurons`) from ``model`` in place; both maps use original indices, ``{layer: [units]}``.
 
     Returns:

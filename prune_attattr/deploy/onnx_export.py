@@ -5,7 +5,7 @@ tokenizer files beside it (the layout ONNX Runtime users and optimum's
 ``ORTModelForSequenceClassification`` expect). The graph's inputs are the model's tokenizer inputs
 (``input_ids``, ``attention_mask`` and, for families with segment ids, ``token_type_ids``; int64
 ``[batch, sequence]``), its output ``logits [batch, labels]``. Checkpoint I/O is in
-:mod:`prune_attattr.checkpoint`.
+:mod:`prune_attattr.prune.checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models import forward_logits, input_names
+from ..models import forward_logits, input_names
 
 __all__ = ["export_onnx", "export_onnx_folder", "check_onnx", "onnx_latency", "onnx_input_names"]
 
@@ -101,7 +101,7 @@ def export_onnx_folder(
     """
     import copy
 
-    from .families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY
+    from ..families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

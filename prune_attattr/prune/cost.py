@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .models import intermediate_size, kept_heads, kept_neurons, prepare
+from ..models import intermediate_size, kept_heads, kept_neurons, prepare
 
 __all__ = ["UnitCosts", "unit_flops", "flops_per_token"]
 
@@ -105,7 +105,7 @@ def unit_flops(model: nn.Module, seq_len: float) -> UnitCosts:
 
     Args:
         model: a sequence classifier of a supported family, pruned or not
-            (:mod:`prune_attattr.pruning`, :mod:`prune_attattr.neuron_pruning`).
+            (:mod:`prune_attattr.prune.heads`, :mod:`prune_attattr.prune.neurons`).
         seq_len: tokens per sequence ``L`` (>= 1), e.g. the mean evaluation length.
 
     Returns:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .quantize import logits, session
-from .tasks import Examples
+from ..tasks import Examples
 
 __all__ = ["load_folder_tokenizer", "tokenize", "predict_onnx", "evaluate_onnx"]
 
@@ -29,7 +29,7 @@ def load_folder_tokenizer(folder: str | Path):
     """
     from transformers import AutoTokenizer
 
-    from .families import ModelError
+    from ..families import ModelError
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -114,7 +114,7 @@ def evaluate_onnx(
     """
     import torch
 
-    from .evaluation import compute_metrics
+    from ..evaluation import compute_metrics
 
     out = predict_onnx(path, examples.texts, examples.pairs, max_length=max_length, batch_size=batch_size, threads=threads)
     preds = torch.from_numpy(out.argmax(-1))

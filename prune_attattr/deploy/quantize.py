@@ -1,6 +1,6 @@
 """A deployable ONNX folder: transformer kernel fusion and dynamic int8 quantization, each verified.
 
-:func:`deploy` takes the float32 graph :func:`prune_attattr.export.export_onnx_folder` wrote
+:func:`deploy` takes the float32 graph :func:`prune_attattr.deploy.onnx_export.export_onnx_folder` wrote
 (``onnx/model.onnx``, from the torch.onnx dynamo exporter) and leaves in the same folder:
 
 =========================  ======================================================================
@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RunError
+from ..errors import RunError
 
 __all__ = [
     "QUANTIZE_CHOICES",
@@ -281,7 +281,7 @@ def deploy(
         quantize: ``"none"`` or ``"int8"``.
         reduce_range, weight_type, per_channel: see :func:`quantize_int8`.
         fusion: try the fused-kernel rewrite (kept only where verified).
-        evaluate: ``path -> {metric: value}`` (fractions), e.g. :func:`prune_attattr.onnx_eval.evaluate_onnx`
+        evaluate: ``path -> {metric: value}`` (fractions), e.g. :func:`prune_attattr.deploy.onnx_eval.evaluate_onnx`
             on the dev split; called on the float32 and (when quantizing) the int8 graph.
         metric, floor: the metric that judges and its lowest allowed value (e.g. unpruned - ``export.max_drop``);
             an int8 graph below it is not shipped: ``model.onnx`` is then the float32 graph.

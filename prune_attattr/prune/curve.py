@@ -2,8 +2,8 @@
 together (issue 15; Kwon et al. 2022, section 4.1).
 
 For each fraction of ``pruning.flops_steps`` the units to keep are searched from the method's head and
-neuron scores (:func:`prune_attattr.search.search_units`), a copy of the unpruned model is pruned
-structurally (:func:`prune_attattr.neuron_pruning.prune_units`) and evaluated. Steps are independent:
+neuron scores (:func:`prune_attattr.prune.search.search_units`), a copy of the unpruned model is pruned
+structurally (:func:`prune_attattr.prune.neurons.prune_units`) and evaluated. Steps are independent:
 each starts from the unpruned model, so a step's model does not depend on the steps before it. A budget
 the unit kind cannot reach (heads only below the feed-forward share) is left out of that curve.
 """
@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .cost import UnitCosts, unit_flops
-from .models import kept_heads, kept_neurons, num_heads_total
-from .neuron_pruning import pruned_neurons_of, prune_units
-from .pruning import PruningStep, count_parameters, pruned_heads_of
+from ..models import kept_heads, kept_neurons, num_heads_total
+from .neurons import pruned_neurons_of, prune_units
+from .heads import PruningStep, count_parameters, pruned_heads_of
 from .search import lowest_fraction, search_units
 
 __all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
@@ -33,10 +33,10 @@ _ADDITIVE = ("fisher",)
 
 
 def balance_for(method: str, setting: str = "auto") -> str:
-    """How :func:`prune_attattr.search.search_units` puts ``method``'s head and neuron scores on one scale
+    """How :func:`prune_attattr.prune.search.search_units` puts ``method``'s head and neuron scores on one scale
     (``pruning.balance``; ``auto``: ``"none"`` for Fisher, whose two kinds estimate the same loss change,
     ``"cost"`` for the others: AttAttr (a head's score is a max over ``T x T`` entries, a neuron's over
-    ``T``), Taylor (heads normalised per layer) and random (no unit); see :mod:`prune_attattr.search`)."""
+    ``T``), Taylor (heads normalised per layer) and random (no unit); see :mod:`prune_attattr.prune.search`)."""
     if setting != "auto":
         return setting
     return "none" if method in _ADDITIVE else "cost"
@@ -44,7 +44,7 @@ def balance_for(method: str, setting: str = "auto") -> str:
 
 def flops_fraction(model: nn.Module, costs: UnitCosts) -> float:
     """FLOPs per token of ``model`` (pruned or not) as a fraction of the unpruned architecture's, with the
-    unit costs of ``costs`` (:func:`prune_attattr.cost.unit_flops` at the evaluation length)."""
+    unit costs of ``costs`` (:func:`prune_attattr.prune.cost.unit_flops` at the evaluation length)."""
     heads = [len(h) for h in kept_heads(model)]
     neurons = [len(n) for n in kept_neurons(model)]
     return costs.flops(heads, neurons) / costs.unpruned
@@ -54,11 +54,11 @@ def choose_units(
     model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, costs: UnitCosts, budget: float, units: str,
     balance: str = "cost",
 ):
-    """The :class:`~prune_attattr.search.UnitChoice` of ``units`` (heads, neurons, both) within ``budget``
+    """The :class:`~prune_attattr.prune.search.UnitChoice` of ``units`` (heads, neurons, both) within ``budget``
     (fraction of the unpruned FLOPs per token) for ``model`` (its pruned units stay pruned).
 
     Raises:
-        prune_attattr.search.SearchError: a budget ``units`` cannot reach.
+        prune_attattr.prune.search.SearchError: a budget ``units`` cannot reach.
     """
     if neuron_scores is None:
         if units != "heads":
@@ -94,7 +94,7 @@ def flops_curve(
         balance: how the search scales heads against neurons (:func:`balance_for`).
 
     Returns:
-        One :class:`~prune_attattr.pruning.PruningStep` per reachable fraction, with ``budget``,
+        One :class:`~prune_attattr.prune.heads.PruningStep` per reachable fraction, with ``budget``,
         ``flops_fraction``, ``heads_kept``/``neurons_kept`` and the pruned units of each.
     """
     costs = unit_flops(model, seq_len)

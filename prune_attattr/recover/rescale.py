@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import AttentionControl
-from .models import (
+from ..attention import AttentionControl
+from ..models import (
     embed,
     encoder_layers,
     feed_forward,
@@ -69,7 +69,7 @@ from .models import (
     run_layers,
     self_attention,
 )
-from .recovery import RecoveryError
+from .distill import RecoveryError
 
 __all__ = ["LeastSquaresResult", "masks_from_pruned", "least_squares", "fold_scales"]
 
@@ -104,7 +104,7 @@ def masks_from_pruned(
     """``(head_mask, neuron_mask)`` for an :class:`~prune_attattr.attention.AttentionControl`: layer ->
     float ``[current units]`` with 0 at the given *original* ids still present and 1 elsewhere (ids
     already removed structurally are ignored; layers with nothing to mask are omitted). Takes the
-    pruned sets of :func:`prune_attattr.search.search_units`."""
+    pruned sets of :func:`prune_attattr.prune.search.search_units`."""
     out = []
     for pruned, kept in ((pruned_heads, kept_heads(model)), (pruned_neurons, kept_neurons(model) if pruned_neurons else None)):
         masks = {}
@@ -244,7 +244,7 @@ def least_squares(
             pruned, or both; put in eval mode.
         batches: this process's calibration batches (``input_ids [B, T]``, ``attention_mask [B, T]``,
             optional ``token_type_ids``; a few thousand training tokens in all, e.g.
-            :func:`prune_attattr.recovery.recovery_dataloader` batches of this process's share).
+            :func:`prune_attattr.recover.distill.recovery_dataloader` batches of this process's share).
         head_mask: layer -> ``[current heads]`` mask (0 pruned, 1 kept; other values are taken as
             current scales); layers not named keep every present head.
         neuron_mask: layer -> ``[current neurons]``, the same way.
@@ -417,7 +417,7 @@ def fold_scales(model: nn.Module, head_scales: Mapping[int, torch.Tensor], neuro
         n = len(kept_neurons(model)[int(layer)])
         if s.numel() != n:
             raise RecoveryError(f"neuron scales of layer {layer} have {s.numel()} entries, the layer has {n} neurons")
-        if n == 0:  # every neuron pruned: the map is its bias alone (prune_attattr.pruning._BiasOnly)
+        if n == 0:  # every neuron pruned: the map is its bias alone (prune_attattr.prune.heads._BiasOnly)
             continue
         second.weight.mul_(s.to(second.weight)[None, :])
     return model

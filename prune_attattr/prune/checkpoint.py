@@ -14,7 +14,7 @@ and with it::
     from prune_attattr import load_pruned
     model = load_pruned(folder)
 
-Every file is written world-readable (0644, folder 0755). ONNX export lives in :mod:`prune_attattr.export`.
+Every file is written world-readable (0644, folder 0755). ONNX export lives in :mod:`prune_attattr.deploy.onnx_export`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, family_of, layers_path
+from ..families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, family_of, layers_path
 
 __all__ = ["save_pruned", "load_pruned", "MODELING_FILE", "AUTO_CLASS"]
 
@@ -73,7 +73,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
 
     Args:
         model: a classifier of a supported family, possibly pruned by :func:`prune_attattr.prune_heads`
-            and :func:`prune_attattr.neuron_pruning.prune_neurons`.
+            and :func:`prune_attattr.prune.neurons.prune_neurons`.
         directory: output folder (created).
         tokenizer: saved beside the weights when given.
 
@@ -85,8 +85,8 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
     """
     from safetensors.torch import save_file
 
-    from .neuron_pruning import pruned_neurons_of
-    from .pruning import pruned_heads_of
+    from .neurons import pruned_neurons_of
+    from .heads import pruned_heads_of
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -120,9 +120,9 @@ def load_pruned(directory: str | Path) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from .attention import register_attention
-    from .models import prepare
-    from .neuron_pruning import prune_units
+    from ..attention import register_attention
+    from ..models import prepare
+    from .neurons import prune_units
 
     directory = Path(directory)
     weights = directory / "model.safetensors"

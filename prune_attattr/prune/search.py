@@ -65,7 +65,7 @@ class UnitChoice:
 
     Attributes:
         pruned_heads: ``{layer: [original head ids]}`` not kept (already pruned ones included; layers
-            with none omitted), for :func:`prune_attattr.pruning.prune_heads`.
+            with none omitted), for :func:`prune_attattr.prune.heads.prune_heads`.
         pruned_neurons: ``{layer: [original neuron ids]}`` not kept, the same way.
         heads_kept, neurons_kept: numbers of units kept.
         flops: FLOPs per token of the kept model (``fixed + sum of kept units' costs``).

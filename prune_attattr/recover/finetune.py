@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .cache import cache_root, entry_complete, model_fingerprint, write_complete_marker
-from .loading import load_classifier
-from .progress import progress
-from .tasks import Encoded, make_dataloader
+from ..cache import cache_root, entry_complete, model_fingerprint, write_complete_marker
+from ..loading import load_classifier
+from ..progress import progress
+from ..tasks import Encoded, make_dataloader
 
 FINETUNE_VERSION = 2  # 2: key on the weights' bytes (1 hashed their sizes)
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import prune_linear_layer
 
-from .families import get_path, set_path
-from .models import PRUNED_HEADS_KEY, encoder_layers, head_dim, kept_heads, num_heads_total, prepare
+from ..families import get_path, set_path
+from ..models import PRUNED_HEADS_KEY, encoder_layers, head_dim, kept_heads, num_heads_total, prepare
 
 __all__ = ["prune_heads", "pruned_heads_of", "heads_to_prune", "PruningStep", "pruning_curve", "count_parameters"]
 
@@ -179,7 +179,7 @@ class PruningStep:
     """One point of a pruning curve.
 
     ``flops_fraction``: FLOPs per token kept, as a fraction of the unpruned model's
-    (:func:`prune_attattr.cost.unit_flops`; filled by the caller for head curves), ``budget``: the
+    (:func:`prune_attattr.prune.cost.unit_flops`; filled by the caller for head curves), ``budget``: the
     FLOPs fraction a budgeted step was searched for (None for head-count steps).
     """
 

@@ -24,8 +24,8 @@ machine. A run folder's layout::
                                            deployed the same way (no budget), when the run kept it
 
 Rows, in this order where the files exist: unpruned float32, unpruned int8, pruned float32, pruned
-int8; a file's precision is read from its graph (:func:`prune_attattr.quantize.graph_precision`),
-metrics from ``report.json`` (``export.deployment``, written by :func:`prune_attattr.deployment.deploy_run`).
+int8; a file's precision is read from its graph (:func:`prune_attattr.deploy.quantize.graph_precision`),
+metrics from ``report.json`` (``export.deployment``, written by :func:`prune_attattr.deploy.deployment.deploy_run`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RunError
+from ..errors import RunError
 
 __all__ = ["Candidate", "BATCH_SIZES", "feed_batches", "time_models", "folder_candidates", "candidates", "time_run", "bench_run", "cpu_name"]
 
@@ -60,7 +60,7 @@ class Candidate:
 
 def feed_batches(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, batch_size: int, names: Sequence[str], max_length: int | None = None) -> list[dict]:
     """Consecutive chunks of ``batch_size`` sentences (the last one may be shorter), tokenised as a user
-    would (:func:`prune_attattr.onnx_eval.tokenize`): ``[{name: int64 [B, T]}, ...]``."""
+    would (:func:`prune_attattr.deploy.onnx_eval.tokenize`): ``[{name: int64 [B, T]}, ...]``."""
     from .onnx_eval import tokenize
 
     out = []
@@ -93,7 +93,7 @@ def time_models(
     Args:
         tokenizer: default the one saved beside the first model.
         threads: ONNX Runtime intra-op threads per session (None = all cores).
-        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.quantize.session`
+        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.deploy.quantize.session`
             without spin-waiting).
 
     Returns:
@@ -151,7 +151,7 @@ def time_models(
 def folder_candidates(which: str, folder: str | Path, info: dict | None = None, metric: str | None = None) -> list[Candidate]:
     """The graphs of one deployed ONNX folder, float32 first: labels ``"<which> float32"``/``"<which> int8"``.
 
-    ``info``: the folder's :func:`prune_attattr.quantize.deploy` dict (files and metrics); without it the
+    ``info``: the folder's :func:`prune_attattr.deploy.quantize.deploy` dict (files and metrics); without it the
     folder's ``model*.onnx`` files are found by name and their precision read from the graph.
     """
     from .quantize import graph_precision
@@ -218,7 +218,7 @@ def time_run(
 ) -> list[dict]:
     """:func:`time_models` on the first ``sentences`` of ``examples`` (:class:`prune_attattr.tasks.Examples`,
     pairs included), each row's ``file`` relative to ``run_dir`` where it lies inside it: the timing of
-    a run's graphs, shared by the export stage (:func:`prune_attattr.deployment.deploy_run`) and
+    a run's graphs, shared by the export stage (:func:`prune_attattr.deploy.deployment.deploy_run`) and
     :func:`bench_run`."""
     n = min(sentences, len(examples))
     rows = time_models(
@@ -251,7 +251,7 @@ def bench_run(
 
     Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: default
     the recipe's ``runtime.threads`` (None = all cores). Metrics: the run's (``report.json``), or with
-    ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.onnx_eval.evaluate_onnx`, one
+    ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.deploy.onnx_eval.evaluate_onnx`, one
     example per call): int8 results depend on the CPU's integer kernels (VNNI or not), so a deployment
     box's accuracy can differ from the run's. Reads files only; writes nothing.
 
@@ -263,8 +263,8 @@ def bench_run(
         RunError: ``run_dir`` is no run folder (no ``recipe.yaml``, no ``onnx/model.onnx``).
         DataError: the recipe's dev data cannot be read here.
     """
-    from .config import RecipeError, load_recipe
-    from .tasks import load_task_data
+    from ..config import RecipeError, load_recipe
+    from ..tasks import load_task_data
 
     run_dir = Path(run_dir)
     if not (run_dir / "onnx" / "model.onnx").is_file():

@@ -1,16 +1,16 @@
 """The export stage's deployment step in one call: deploy the pruned (and unpruned) ONNX folders,
 judge the shipped model by its own dev metric, time all graphs side by side (issue 16).
 
-:func:`deploy_run` runs, on the main process, after :func:`prune_attattr.export.export_onnx_folder`
+:func:`deploy_run` runs, on the main process, after :func:`prune_attattr.deploy.onnx_export.export_onnx_folder`
 wrote ``<run>/onnx/model.onnx`` (pruned) and, for the comparison, ``<run>/unpruned/onnx/model.onnx``
 (the unpruned fine-tuned model, exported the same way):
 
-1. the unpruned folder is deployed (:func:`prune_attattr.quantize.deploy`, no budget) and its float32
-   graph's dev metric, measured by ONNX Runtime (:func:`prune_attattr.onnx_eval.evaluate_onnx`), is the
+1. the unpruned folder is deployed (:func:`prune_attattr.deploy.quantize.deploy`, no budget) and its float32
+   graph's dev metric, measured by ONNX Runtime (:func:`prune_attattr.deploy.onnx_eval.evaluate_onnx`), is the
    baseline;
 2. the pruned folder is deployed with the floor ``baseline - max_drop``: an int8 graph below it is not
    shipped (``model.onnx`` stays float32, and the result says so);
-3. every graph is timed at batch 1 and 16 on real dev sentences (:func:`prune_attattr.bench.time_run`).
+3. every graph is timed at batch 1 and 16 on real dev sentences (:func:`prune_attattr.deploy.bench.time_run`).
 
 The returned dict is the report's ``export.deployment``; :func:`prune_attattr.report.deployment_table`
 and :func:`prune_attattr.report.deployment_markdown` render its ``bench`` entry, and
@@ -25,7 +25,7 @@ from pathlib import Path
 from .bench import cpu_name, folder_candidates, time_run
 from .onnx_eval import evaluate_onnx
 from .quantize import deploy
-from .tasks import Examples
+from ..tasks import Examples
 
 __all__ = ["deploy_run"]
 
@@ -57,7 +57,7 @@ def deploy_run(
             tokenizer saved beside each; ``unpruned_onnx`` None: no comparison rows, ``baseline`` given.
         check_batches: padded batches of real inputs the rewrites are verified on (both models take them).
         examples, metrics: the whole dev split and the task's metric names (the first one judges).
-        quantize, reduce_range, weight_type, per_channel, fusion: ``export.quantize`` etc. (:func:`prune_attattr.quantize.deploy`).
+        quantize, reduce_range, weight_type, per_channel, fusion: ``export.quantize`` etc. (:func:`prune_attattr.deploy.quantize.deploy`).
         max_drop: ``export.max_drop`` (fraction); None: no budget (``export.heads``), int8 ships as is.
         baseline: the judged metric of the unpruned model when ``unpruned_onnx`` is None.
         max_length: truncation of the evaluation and timing inputs (None: the tokenizer's own limit).

@@ -1,0 +1,162 @@
+"""Shared pieces of every rendering: number formats, the curves grid, the chance warning, method settings.
+
+All functions take the plain ``report`` dict that :func:`prune_attattr.pipeline.run` builds (the same
+content as ``report.json``), so a notebook can re-render a saved run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+__all__ = ["MARKERS", "by_flops", "chance_warning", "method_settings"]
+
+
+MARKERS = {"attattr": "A", "taylor": "T", "fisher": "F", "accuracy_difference": "D", "attention": "S", "random": "R"}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def by_flops(report: dict) -> bool:
+    """Whether the report's curves are on the FLOPs axis (``pruning.units`` neurons or both) rather than
+    heads kept (the paper's curves)."""
+    return (report.get("recipe") or {}).get("pruning", {}).get("units", "heads") != "heads"
+
+
+def _x(report: dict, step: dict):
+    """A step's position on the report's axis: heads kept, or the FLOPs budget (fraction) it was pruned to."""
+    if not by_flops(report):
+        return step["heads_kept"]
+    return round(step["budget"] if step.get("budget") is not None else step["flops_fraction"], 4)
+
+
+def _axis_label(report: dict) -> str:
+    return "FLOPs kept (%)" if by_flops(report) else "heads kept"
+
+
+def _row_label(report: dict, x) -> str:
+    return f"{100 * x:.0f}%" if by_flops(report) else f"{x}/{report['total_heads']}"
+
+
+def _grid(report: dict) -> tuple[list, dict[str, dict]]:
+    metric = report["primary_metric"]
+    by_method = {m: {_x(report, s): s["metrics"][metric] for s in steps} for m, steps in report["curves"].items()}
+    kept = sorted({k for v in by_method.values() for k in v}, reverse=True)
+    return kept, by_method
+
+
+def chance_warning(chance: dict | None) -> str | None:
+    """The warning line when the unpruned model is at chance (``chance``: the report's ``chance`` entry,
+    :func:`prune_attattr.checks.chance_level`); None when it is not or the check did not apply."""
+    from ..checks import chance_message
+
+    if not chance or not chance.get("at_chance"):
+        return None
+    return "WARNING: " + chance_message(chance)
+
+
+def _mflops(x: float) -> str:
+    return f"{x / 1e6:.2f}"
+
+
+def _ms(row: dict, b: str) -> str:
+    v = row["ms"].get(b)
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _times(row: dict, key: str, b: str | None = None) -> str:
+    v = row[key].get(b) if b is not None else row[key]
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the deployment table (shared by the rich and Markdown renderers)."""
+    sizes = [str(b) for b in bench.get("batch_sizes", [1, 16])]
+    ref_mb = bench["rows"][0]["mb"] if bench["rows"] else None
+    head = ["model", "file", f"{bench.get('metric') or 'metric'} (%)"]
+    for b in sizes:
+        head += [f"ms, batch {b}", f"speed-up, batch {b}"]
+    head += ["MB", "smaller"]
+    cells = []
+    for r in bench["rows"]:
+        row = [r["label"] + (" (deployed)" if r.get("deployed") else ""), r["file"], _pct(r.get("metric"))]
+        for b in sizes:
+            row += [_ms(r, b), _times(r, "speedup", b)]
+        mb = r.get("mb")
+        row += ["-" if mb is None else f"{mb:.1f}", "-" if not (mb and ref_mb) else f"{ref_mb / mb:.2f}x"]
+        cells.append(row)
+    return head, cells
+
+
+def _deployment_caption(bench: dict) -> str:
+    threads = bench.get("threads") or "all"
+    return (
+        f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads} thread(s); median over {bench.get('rounds')} alternating "
+        f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
+        + (f"; metric from {bench['metric_source']}" if bench.get("metric_source") else "")
+    )
+
+
+_FIXED_SETTINGS = {
+    "taylor": {
+        "target": "gold",
+        "quantity": "|mask gradient of the cross-entropy|, summed over examples (Michel et al. 2019, Eq. 4); heads per layer-normalised, neurons not",
+    },
+    "fisher": {"target": "gold", "quantity": "squared mask gradient of the cross-entropy, summed over examples (empirical Fisher, Kwon et al. 2022, 4.1)"},
+    "accuracy_difference": {"target": "gold", "quantity": "metric drop with the head alone masked (Michel et al. 2019, 3.1)"},
+    "attention": {"target": None, "quantity": "max attention probability over token pairs, summed over examples"},
+    "random": {"target": None, "quantity": "random scores (seeded)"},
+}
+
+
+def method_settings(report: dict) -> dict[str, dict]:
+    """How each method's head scores were computed, from the run's resolved recipe.
+
+    AttAttr: ``{"mode", "quadrature", "steps", "target"}`` (Hao et al. 2021, Eq. 3: the paper uses
+    left Riemann, m = 20, gold label); the baselines: their target and what they measure.
+    """
+    rec = report.get("recipe") or {}
+    imp = rec.get("importance") or {}
+    out: dict[str, dict] = {}
+    for m in report.get("importance") or report.get("curves") or imp.get("methods") or []:
+        if m == "attattr":
+            a = imp.get("attattr") or {}
+            out[m] = {k: a.get(k) for k in ("mode", "quadrature", "steps", "target")}
+            out[m]["quantity"] = "max over token pairs of the attribution, summed over examples (Hao et al. 2021, 4.1)" + (
+                "; neurons: max over tokens of the attribution of the intermediate activations (Dai et al. 2022)"
+                if m in (report.get("neuron_importance") or {})
+                else ""
+            )
+        else:
+            out[m] = dict(_FIXED_SETTINGS.get(m, {}))
+        out[m]["examples"] = report.get("importance_examples")
+    return out
+
+
+def _settings_lines(report: dict) -> list[str]:
+    settings = method_settings(report)
+    if not settings:
+        return []
+    lines = ["", "## How each method scored heads" + (" and neurons" if report.get("neuron_importance") else ""), ""]
+    for m, s in settings.items():
+        if m == "attattr":
+            paper = s["quadrature"] == "left" and s["steps"] == 20 and s["target"] == "gold"
+            lines.append(
+                f"- `attattr`: {s['quadrature']} quadrature, {s['steps']} steps, target {s['target']} label, mode {s['mode']}"
+                + (" (the paper's procedure: left Riemann, m = 20)" if paper else " (not the paper's m = 20 left Riemann sum)")
+            )
+        else:
+            target = f", target {s['target']} label" if s.get("target") else ""
+            lines.append(f"- `{m}`: {s.get('quantity', '')}{target}")
+    return lines
+
+
+def _dump(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def _acc(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
