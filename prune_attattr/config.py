@@ -306,6 +306,12 @@ class TreeSettings(_Strict):
         tree: {enabled: true, threshold: 0.4, examples: [{text: "a gorgeous, witty film"}]}
     """
 
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="layer-wise distillation (TinyBERT, CoFi): weight beta of the mean squared error between each layer's "
+        "output hidden states of student and teacher (real tokens only); 0 = logits only. Runs the teacher on every batch",
+    )
     enabled: bool = False
     examples: list[TreeExample] = Field(default_factory=list)
     threshold: float = Field(0.4, gt=0, lt=1, description="tau: keep edges above this normalised score")

@@ -7,7 +7,13 @@ After heads are removed the remaining weights are fine-tuned on the training spl
 (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", section 2: the ``T^2`` keeps the
 gradient scale of the soft term independent of ``T``; CoFi, Xia et al. 2022, section 3.3, distils the
 same way after structured pruning). The teacher's logits are computed once for every training example
-(:func:`teacher_logits`) and looked up by example index, never recomputed per epoch. AdamW with a
+(:func:`teacher_logits`) and looked up by example index, never recomputed per epoch.
+
+``recovery.hidden_weight`` beta > 0 adds layer-wise distillation (TinyBERT, Jiao et al. 2020, Eq. 8;
+CoFi section 3.3): ``beta * mean_l MSE(h_student^l, h_teacher^l)`` over the real tokens of each layer's
+output hidden states (:func:`hidden_loss`). Pruning heads and neurons keeps the hidden size and the
+depth, so layer ``l`` of the student is matched to layer ``l`` of the teacher without a projection; the
+teacher then runs on every batch (hidden states of every example are too large to cache). AdamW with a
 linear schedule (:func:`prune_attattr.recover.finetune.optimizer_and_schedule`), on Accelerate.
 
 Pruned heads stay pruned: :func:`prune_attattr.prune_heads` removed their rows and columns, so the
@@ -26,7 +32,7 @@ from ..models import forward_logits, input_names, kept_heads
 from ..progress import progress
 from ..tasks import Encoded, make_dataloader
 
-__all__ = ["RecoveryError", "kd_loss", "recovery_dataloader", "teacher_logits", "recover"]
+__all__ = ["RecoveryError", "kd_loss", "hidden_loss", "recovery_dataloader", "teacher_logits", "recover"]
 
 INDEX_KEY = "example_index"
 
@@ -66,6 +72,33 @@ def kd_loss(
     log_p_teacher = nn.functional.log_softmax(teacher.float() / t, dim=-1)
     kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1).mean()
     return (1 - alpha) * ce + alpha * t * t * kl
+
+
+def hidden_loss(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], attention_mask: torch.Tensor) -> torch.Tensor:
+    """Layer-wise distillation loss: the mean over layers of the mean squared error between student and
+    teacher hidden states, over real tokens (TinyBERT, Jiao et al. 2020, Eq. 8, without a projection).
+
+    Args:
+        student, teacher: each layer's output hidden states ``[B, T, H]`` (``output_hidden_states``, the
+            embeddings' output first); the same number of layers and the same ``H``.
+        attention_mask: ``[B, T]``, 1 on real tokens.
+
+    Returns:
+        Scalar: ``mean_l sum_{b,t real} ||s - t||^2 / (n_real * H)``; 0 when student == teacher.
+
+    Raises:
+        RecoveryError: different depths or shapes (a student with removed layers needs a layer map).
+    """
+    if len(student) != len(teacher):
+        raise RecoveryError(f"layer-wise distillation needs the teacher's depth: student {len(student) - 1} layers, teacher {len(teacher) - 1}")
+    mask = attention_mask.to(student[0].dtype).unsqueeze(-1)
+    real = mask.sum().clamp_min(1.0)
+    terms = []
+    for s, t in zip(student, teacher):
+        if s.shape != t.shape:
+            raise RecoveryError(f"hidden states differ in shape: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+        terms.append((((s.float() - t.float()) ** 2) * mask).sum() / (real * s.shape[-1]))
+    return torch.stack(terms).mean()
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -146,25 +179,29 @@ def recover(pruned: nn.Module, teacher: nn.Module | None, dataloader, accelerato
         pruned: the pruned student (structurally pruned; its heads stay pruned). Trained in place and
             returned to eval mode.
         teacher: the unpruned fine-tuned classifier, or None when ``settings.alpha == 0`` or
-            ``cached_teacher`` is given. Not trained.
+            ``cached_teacher`` is given (and ``settings.hidden_weight`` is 0: layer-wise distillation runs
+            the teacher on every batch). Not trained.
         dataloader: from :func:`recovery_dataloader` (not prepared; batches carry ``example_index``).
         accelerator: an ``accelerate.Accelerator``; with several processes each one takes its shard of
             every epoch and gradients are averaged (DDP).
         settings: :class:`prune_attattr.config.RecoverySettings` (``epochs``, ``learning_rate``,
-            ``weight_decay``, ``warmup_ratio``, ``alpha``, ``temperature``).
+            ``weight_decay``, ``warmup_ratio``, ``alpha``, ``temperature``, ``hidden_weight``).
         cached_teacher: teacher logits ``[N, C]`` from :func:`teacher_logits`, to share them between
             several recoveries on the same data.
 
     Returns:
-        ``{"steps", "examples", "seconds", "final_loss_ema", "alpha", "temperature", "epochs"}``.
+        ``{"steps", "examples", "seconds", "final_loss_ema", "alpha", "temperature", "hidden_weight", "epochs"}``.
 
     Raises:
-        RecoveryError: distillation without a teacher, a dataloader without example indices, or a
-            teacher whose classes differ from the student's.
+        RecoveryError: distillation without a teacher, a dataloader without example indices, a
+            teacher whose classes differ from the student's, or layer-wise distillation without a teacher.
     """
     _check_loader(dataloader)
     kept_before = kept_heads(pruned)
     alpha, temp = float(settings.alpha), float(settings.temperature)
+    beta = float(getattr(settings, "hidden_weight", 0.0))
+    if beta > 0 and teacher is None:
+        raise RecoveryError(f"recovery.hidden_weight {beta} distils hidden states: pass teacher (the unpruned model)")
     start = time.perf_counter()
     table = None
     if alpha > 0:
@@ -186,10 +223,19 @@ def recover(pruned: nn.Module, teacher: nn.Module | None, dataloader, accelerato
     model.train()
     names = input_names(accelerator.unwrap_model(model))  # the wrapper (DDP) is no transformers model
 
+    if beta > 0:
+        teacher = teacher.to(accelerator.device).eval()
+
     def loss_fn(m, batch):
-        logits = m(**{k: batch[k] for k in names if k in batch}).logits
+        inputs = {k: batch[k] for k in names if k in batch}
+        out = m(**inputs, output_hidden_states=beta > 0)
         teach = table[batch[INDEX_KEY]] if table is not None else None
-        return kd_loss(logits, teach, batch["labels"], alpha=alpha, temperature=temp)
+        loss = kd_loss(out.logits, teach, batch["labels"], alpha=alpha, temperature=temp)
+        if beta > 0:
+            with torch.no_grad():
+                t_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
+            loss = loss + beta * hidden_loss(out.hidden_states, t_hidden, batch["attention_mask"])
+        return loss
 
     running = train_epochs(
         model, loader, sampler, optimizer, scheduler, accelerator, epochs=settings.epochs, description="recovery", loss_fn=loss_fn
@@ -207,5 +253,6 @@ def recover(pruned: nn.Module, teacher: nn.Module | None, dataloader, accelerato
         "final_loss_ema": running,
         "alpha": alpha,
         "temperature": temp,
+        "hidden_weight": beta,
         "epochs": settings.epochs,
     }
