@@ -12,7 +12,9 @@ in the middle of fine-tuning:
 
 :func:`chance_level` says whether the unpruned model's primary metric is clearly better than the best
 constant prediction on the dev split; :func:`export_refusal` stops ``export.max_drop`` from
-choosing a "pruned" model of a model that learned nothing.
+choosing a "pruned" model of a model that learned nothing. :func:`shipped_problems` applies the same
+test to what an export ships (the checkpoint and the deployed ONNX graph), and, when ``export.flops``
+or ``export.heads`` chose its size, measures its drop against ``export.max_drop`` (issue 22).
 
 Layer: models and data (imports :mod:`prune_attattr.models`, nothing above).
 """
@@ -41,6 +43,7 @@ __all__ = [
     "chance_level",
     "chance_message",
     "export_refusal",
+    "shipped_problems",
 ]
 
 # files one of which a saved tokenizer has (fast: tokenizer.json; WordPiece: vocab.txt; BPE: vocab.json +
@@ -243,9 +246,9 @@ def chance_level(metric: str, score: float, labels: Sequence[int], class_names: 
     }
 
 
-def _chance_figures(c: dict) -> str:
+def _chance_figures(c: dict, subject: str = "the unpruned model") -> str:
     return (
-        f"the unpruned model is at chance: {c['metric']} {100 * c['score']:.1f}% on {c['examples']} dev examples is not clearly "
+        f"{subject} is at chance: {c['metric']} {100 * c['score']:.1f}% on {c['examples']} dev examples is not clearly "
         f"above the {100 * c['trivial']:.1f}% of predicting {c['trivial_prediction']} (it would need more than "
         f"{100 * c['threshold']:.1f}%: {c['z']:g} standard errors)"
     )
@@ -273,3 +276,46 @@ def export_refusal(recipe, chance: dict | None) -> str | None:
         "(finetune.enabled, more finetune.epochs or finetune.train_examples, another finetune.learning_rate), or set export.heads "
         "(or export.flops) to export a model of that size anyway"
     )
+
+
+def shipped_problems(recipe_export: dict, shipped: dict[str, dict]) -> list[str]:
+    """Why what an export ships is no good, one line per problem (empty: nothing to say).
+
+    For each shipped folder (``"model"``: the PyTorch checkpoint, ``"onnx"``: the deployed graph):
+
+    - at chance: its own :func:`chance_level` entry (``shipped[folder]["chance"]``, computed on the dev
+      split like the unpruned model's) says so (also when the unpruned model is at chance: the line
+      names the folder that ships, and the model card of that folder carries it);
+    - too far below the unpruned model: ``export.flops`` or ``export.heads`` chose the size, so nothing
+      held the drop to ``export.max_drop``; a drop above it (1e-12 tolerance) is reported. Under
+      ``export.max_drop`` alone the choice already kept it (the int8 graph too: it ships only within it).
+
+    Args:
+        recipe_export: the resolved recipe's ``export`` section (``max_drop``, ``flops``, ``heads``).
+        shipped: ``{folder: {"metric", "value", "baseline", "baseline_source", "chance"}}`` (fractions;
+            the report's ``export.shipped``, written by the export stage).
+
+    Returns:
+        Lines without a "WARNING" prefix, for the console, report.md, report.json and the model cards.
+    """
+    e = recipe_export or {}
+    key = "export.flops" if e.get("flops") is not None else "export.heads" if e.get("heads") is not None else None
+    forced = f"{key} {e['flops']:g}" if key == "export.flops" else f"{key} {e['heads']}" if key else None
+    max_drop = e.get("max_drop")
+    lines = []
+    for folder, s in shipped.items():
+        c = s.get("chance")
+        if c and c.get("at_chance"):
+            lines.append(
+                _chance_figures(c, f"the exported model ({folder}/)")
+                + f"; it is no usable classifier: keep more of the model{f' (raise {key})' if key else ''} or recover it (recovery.enabled)"
+            )
+            continue
+        if forced and max_drop is not None and s.get("baseline") is not None and s["baseline"] - s["value"] > max_drop + 1e-12:
+            lines.append(
+                f"the exported model ({folder}/) is {100 * (s['baseline'] - s['value']):.1f} points below the unpruned model: {s['metric']} "
+                f"{100 * s['value']:.1f}% against {100 * s['baseline']:.1f}% ({s.get('baseline_source') or 'unpruned'}), more than "
+                f"export.max_drop {100 * max_drop:g} points; {forced} chose its size, so nothing held the drop: raise {key}, "
+                f"recover it (recovery.enabled), or let export.max_drop choose (unset {key})"
+            )
+    return lines

@@ -227,6 +227,14 @@ class ExportSettings(_Strict):
         export: {method: attattr, heads: 36}        # exactly 36 heads kept
         export: {method: attattr, flops: 0.5}       # half the FLOPs per token (pruning.units both)
         export: {method: attattr, max_drop: 0.01, quantize: int8}   # int8 ONNX, judged by its own dev metric
+        export: {method: attattr, max_drop: 0.01, quantize: all}    # float32, dynamic and static int8: the fastest that holds ships
+
+    ``quantize`` names the ONNX graphs built beside float32: ``int8`` (dynamic: activation scales per call,
+    so a sentence's answer can depend on its batchmates), ``int8_static`` (scales calibrated once on
+    ``calibration_examples`` training sentences: batch-independent), ``all`` (both). The shipped graph
+    (``onnx/model.onnx``) is the fastest at batch 1 whose dev metric, one sentence at a time, holds
+    ``max_drop`` and whose dev predictions do not change between batch 1 and 16; float32 when none does
+    (:func:`prune_attattr.deploy.quantize.choose_graph`).
     """
 
     enabled: bool = True
@@ -240,10 +248,15 @@ class ExportSettings(_Strict):
     onnx_opset: int = Field(18, ge=14)
     latency_batch: int = Field(16, ge=1)
     latency_repeats: int = Field(20, ge=1)
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "int8_static", "all"] = Field(
         "none",
-        description="int8: ONNX Runtime dynamic int8 quantization of the ONNX graph (onnx/model.onnx, judged by "
-        "max_drop on the whole dev split; float32 kept as onnx/model_fp32.onnx); none: float32 only",
+        description="ONNX graphs built beside float32: int8 (ONNX Runtime dynamic quantization), int8_static (calibrated "
+        "on training sentences, batch-independent), all (both), none; the fastest that holds max_drop on the whole dev "
+        "split and gives every sentence the same label at batch 1 and 16 ships as onnx/model.onnx",
+    )
+    calibration_examples: int = Field(256, ge=1, description="int8_static/all: training sentences that calibrate the activation scales")
+    static_format: Literal["qoperator", "qdq"] = Field(
+        "qoperator", description="int8_static/all: QLinear operators in the graph (qoperator) or QuantizeLinear/DequantizeLinear pairs (qdq)"
     )
     reduce_range: bool = Field(
         False, description="int8 with 7-bit weights, for x86 CPUs without VNNI where U8S8 products can saturate"
@@ -254,10 +267,10 @@ class ExportSettings(_Strict):
 
     @model_validator(mode="after")
     def _quantize(self) -> ExportSettings:
-        if self.quantize == "int8" and not self.onnx:
-            raise ValueError("export.quantize 'int8' quantizes the ONNX graph: set export.onnx true (or quantize 'none')")
-        if self.reduce_range and self.quantize != "int8":
-            raise ValueError("export.reduce_range applies to int8 weights only: set export.quantize 'int8' or drop reduce_range")
+        if self.quantize != "none" and not self.onnx:
+            raise ValueError(f"export.quantize '{self.quantize}' quantizes the ONNX graph: set export.onnx true (or quantize 'none')")
+        if self.reduce_range and self.quantize == "none":
+            raise ValueError("export.reduce_range applies to int8 weights only: set export.quantize 'int8', 'int8_static' or 'all', or drop reduce_range")
         return self
 
 
@@ -288,6 +301,12 @@ class RecoverySettings(_Strict):
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; 0 = plain fine-tuning on gold labels")
     temperature: float = Field(2.0, gt=0, description="softmax temperature T of teacher and student in the KL term")
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="layer-wise distillation (TinyBERT, CoFi): weight beta of the mean squared error between each layer's "
+        "output hidden states of student and teacher (real tokens only); 0 = logits only. Runs the teacher on every batch",
+    )
     iterative_examples: int = Field(2000, ge=1, description="training examples of each brief recovery of pruning.schedule iterative")
 
 
@@ -306,12 +325,6 @@ class TreeSettings(_Strict):
         tree: {enabled: true, threshold: 0.4, examples: [{text: "a gorgeous, witty film"}]}
     """
 
-    hidden_weight: float = Field(
-        0.0,
-        ge=0,
-        description="layer-wise distillation (TinyBERT, CoFi): weight beta of the mean squared error between each layer's "
-        "output hidden states of student and teacher (real tokens only); 0 = logits only. Runs the teacher on every batch",
-    )
     enabled: bool = False
     examples: list[TreeExample] = Field(default_factory=list)
     threshold: float = Field(0.4, gt=0, lt=1, description="tau: keep edges above this normalised score")

@@ -48,7 +48,7 @@ from .stages.importance import importance_stage, neuron_importance_stage
 from .stages.prepare import check_run, evaluate_unpruned, prepare
 from .stages.recovery import RecoveryState, model_cost, recovery_stage, recovery_train_set
 from .stages.report import build_report, write_outputs
-from .tasks import load_task_data
+from .tasks import label_names, load_task_data
 
 __all__ = [
     "RunError",
@@ -110,7 +110,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
     try:
         prep = prepare(r, accelerator, use_cache=use_cache)
         baseline = evaluate_unpruned(prep)
-        chance = chance_level(prep.ctx.metrics[0], baseline[prep.ctx.metrics[0]], prep.dev_enc.labels, prep.ctx.labels)
+        chance = chance_level(prep.ctx.metrics[0], baseline[prep.ctx.metrics[0]], prep.dev_enc.labels, label_names(r.data.task, prep.ctx.labels))
         print_chance_warning(chance, prep.ctx.print)  # loud when the unpruned model is at chance
         refusal = export_refusal(r, chance)
         if refusal is not None:  # export.max_drop has nothing to choose from: the report says so, nothing is exported

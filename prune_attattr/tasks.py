@@ -35,6 +35,7 @@ __all__ = [
     "Encoded",
     "make_dataloader",
     "load_task_data",
+    "label_names",
 ]
 
 
@@ -54,7 +55,9 @@ class TaskSpec:
     train_file: str | None
     dev_file: str
     metrics: tuple[str, ...] = ("accuracy",)
-    label_names: tuple[str, ...] | None = None  # human-readable names for pictures, same order as labels
+    # human-readable class names, same order as labels: GLUE's names (the ClassLabel names of the `datasets` glue
+    # configs) where the files hold numbers; they become the exported model's id2label
+    label_names: tuple[str, ...] | None = None
 
     def display_labels(self) -> list[str]:
         """Names to show for the classes: ``label_names`` when set, else the labels as in the file."""
@@ -90,6 +93,19 @@ GLUE_TASKS: dict[str, TaskSpec] = {
         "MNLI/dev_matched.jsonl",
     ),
 }
+
+
+def label_names(task: str, labels: Sequence[str]) -> list[str]:
+    """The classes' names in class-id order, for ``id2label``, reports and pictures.
+
+    A GLUE task's readable names when ``labels`` are its file labels in its order (SST-2: ``0``, ``1`` ->
+    ``negative``, ``positive``; MRPC: ``not_equivalent``, ``equivalent``; RTE and MNLI files already hold
+    the names, MNLI in GLUE's MnliProcessor order ``contradiction``, ``entailment``, ``neutral``, which is
+    the class order of every model fine-tuned here); otherwise ``labels`` themselves (a ``datasets``
+    ClassLabel's names, a custom file's label strings, ``data.labels``).
+    """
+    spec = GLUE_TASKS.get(task)
+    return spec.display_labels() if spec is not None and list(spec.labels) == list(labels) else [str(x) for x in labels]
 
 
 def glue_path(relative: str) -> Path:

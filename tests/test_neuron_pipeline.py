@@ -59,11 +59,14 @@ def test_flops_budget_pipeline_exports_within_budget(tmp_path, tiny_dir, capsys)
     from prune_attattr.deploy.onnx_eval import evaluate_onnx
     from prune_attattr.tasks import load_task_data
 
+    # (issue 21: the shipped graph is the fastest that gives each sentence the same label at batch 1 and 16)
     deployed = exp["deployment"]["pruned"]
-    assert deployed["precision"] == "int8" and (out / "onnx" / "model_fp32.onnx").exists()
+    kind = deployed["precision"]
+    assert deployed["files"] == {"float32": "model.onnx" if kind == "float32" else "model_fp32.onnx", "int8": "model.onnx" if kind == "int8" else "model_int8.onnx", "int8_static": None}
+    assert deployed["choice"]["candidates"][kind]["holds"] or kind == "float32"
     dev = load_task_data(load_recipe(out / "recipe.yaml"))[1]
     again = evaluate_onnx(out / "onnx" / "model.onnx", dev, ["accuracy"], max_length=32)
-    assert deployed["metrics"]["int8"]["accuracy"] == pytest.approx(again["accuracy"])
+    assert deployed["metrics"][kind]["accuracy"] == pytest.approx(again["accuracy"])
     labels = [r["label"] for r in exp["deployment"]["bench"]["rows"]]
     assert len(labels) == 4 and (out / "unpruned" / "onnx" / "model.onnx").exists()
     importance = json.loads((out / "importance.json").read_text())

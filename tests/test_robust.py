@@ -324,7 +324,7 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
     from prune_attattr.stages import context, importance
 
     text = _recipe(tiny_dir, tmp_path)
-    real_eval = context.evaluate_model
+    real_eval = context.evaluate_outputs
     calls = {"n": 0}
 
     def eval_then_interrupt(*args, **kwargs):  # baseline + 2 steps of the first curve, then Ctrl-C
@@ -333,14 +333,14 @@ def test_resume_reuses_importance_and_evaluated_steps(tiny_dir, tmp_path, capsys
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(context, "evaluate_model", eval_then_interrupt)
+    monkeypatch.setattr(context, "evaluate_outputs", eval_then_interrupt)
     code, out, err = _cli(tmp_path, capsys, text)
     assert code == 130 and "interrupted" in err
     assert not list((tmp_path / "out").iterdir())
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]  # no torn cache entry
 
     # the re-run must not compute any importance again
-    monkeypatch.setattr(context, "evaluate_model", real_eval)
+    monkeypatch.setattr(context, "evaluate_outputs", real_eval)
 
     def no_importance(*args, **kwargs):
         raise AssertionError("importance recomputed")

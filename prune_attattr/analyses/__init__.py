@@ -18,11 +18,11 @@ __all__ = ["run_analyses", "display_labels", "check_universality_sets"]
 
 
 def display_labels(recipe, labels: list[str]) -> list[str]:
-    """Class names for pictures and tables: the task's readable names (SST-2: negative/positive), else ``labels``."""
-    from ..tasks import GLUE_TASKS
+    """Class names for pictures and tables: the task's readable names (SST-2: negative/positive), else ``labels``
+    (:func:`prune_attattr.tasks.label_names`)."""
+    from ..tasks import label_names
 
-    spec = GLUE_TASKS.get(recipe.data.task)
-    return spec.display_labels() if spec is not None and list(spec.labels) == list(labels) else list(labels)
+    return label_names(recipe.data.task, labels)
 
 
 def check_universality_sets(recipe, labels: list[str]) -> None:

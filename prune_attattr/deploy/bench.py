@@ -40,11 +40,17 @@ import numpy as np
 
 from ..errors import RunError
 
-__all__ = ["Candidate", "BATCH_SIZES", "feed_batches", "time_models", "folder_candidates", "candidates", "time_run", "bench_run", "cpu_name"]
+__all__ = [
+    "Candidate", "BATCH_SIZES", "CPU_FLAGS", "feed_batches", "time_models", "folder_candidates", "candidates", "time_run", "bench_run",
+    "cpu_name", "cpu_info",
+]
 
 BATCH_SIZES = (1, 16)
-PRECISIONS = ("float32", "int8")
-_FILES = ("model_fp32.onnx", "model.onnx", "model_int8.onnx")
+PRECISIONS = ("float32", "int8", "int8_static")  # prune_attattr.deploy.quantize.GRAPH_KINDS
+LABELS = {"float32": "float32", "int8": "int8 dynamic", "int8_static": "int8 static"}
+_FILES = ("model_fp32.onnx", "model.onnx", "model_int8.onnx", "model_int8_static.onnx")
+#: /proc/cpuinfo flags that decide int8 speed: VNNI (8-bit dot products, AVX-512 or AVX) and AMX (tile int8 GEMMs)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Candidate:
     metric: float | None = None
     deployed: bool = False
     precision: str | None = None  # None: read from the graph
+    batch_differ: int | None = None  # dev predictions that differ between batch 1 and batch 16, if measured
 
 
 def feed_batches(tokenizer, texts: Sequence[str], pairs: Sequence[str] | None, batch_size: int, names: Sequence[str], max_length: int | None = None) -> list[dict]:
@@ -97,8 +104,8 @@ def time_models(
             without spin-waiting).
 
     Returns:
-        One row per model, in order: ``{"label", "file", "precision", "metric", "deployed", "mb",
-        "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}}``; batch-size
+        One row per model, in order: ``{"label", "file", "precision", "metric", "batch_differ", "deployed",
+        "mb", "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}}``; batch-size
         keys are strings (JSON). ``mb`` is the file size in MiB (None when there is no file).
 
     Raises:
@@ -139,6 +146,7 @@ def time_models(
                 "file": str(path),
                 "precision": c.precision or graph_precision(path),
                 "metric": c.metric,
+                "batch_differ": c.batch_differ,
                 "deployed": c.deployed,
                 "mb": path.stat().st_size / 2**20 if path.is_file() else None,
                 "ms": ms[m],
@@ -149,10 +157,12 @@ def time_models(
 
 
 def folder_candidates(which: str, folder: str | Path, info: dict | None = None, metric: str | None = None) -> list[Candidate]:
-    """The graphs of one deployed ONNX folder, float32 first: labels ``"<which> float32"``/``"<which> int8"``.
+    """The graphs of one deployed ONNX folder, float32 first: labels ``"<which> float32"``,
+    ``"<which> int8 dynamic"``, ``"<which> int8 static"``.
 
-    ``info``: the folder's :func:`prune_attattr.deploy.quantize.deploy` dict (files and metrics); without it the
-    folder's ``model*.onnx`` files are found by name and their precision read from the graph.
+    ``info``: the folder's :func:`prune_attattr.deploy.quantize.deploy` dict (files, metrics, batch
+    differences); without it the folder's ``model*.onnx`` files are found by name and their kind read
+    from the graph. A folder's shipped graph is ``model.onnx``; ``deployed`` marks the pruned one's.
     """
     from .quantize import graph_precision
 
@@ -168,9 +178,10 @@ def folder_candidates(which: str, folder: str | Path, info: dict | None = None, 
     for precision in PRECISIONS:
         if precision in files:
             value = ((info or {}).get("metrics") or {}).get(precision, {}).get(metric) if metric else None
+            differ = ((info or {}).get("batch_differ") or {}).get(precision)
             path = files[precision]
             deployed = which == "pruned" and path.name == "model.onnx"
-            out.append(Candidate(f"{which} {precision}", path, metric=value, deployed=deployed, precision=precision))
+            out.append(Candidate(f"{which} {LABELS[precision]}", path, metric=value, deployed=deployed, precision=precision, batch_differ=differ))
     return out
 
 
@@ -189,20 +200,35 @@ def candidates(run_dir: str | Path, deployment: dict | None = None, metric: str 
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere) and its core count."""
-    import os
+def cpu_info() -> dict:
+    """``{"model": the CPU's model name, "flags": the :data:`CPU_FLAGS` that /proc/cpuinfo lists}``
+    (``platform.processor()`` and no flags where there is no /proc/cpuinfo): int8 kernels run much faster
+    with VNNI or AMX, so int8 timings and speed-ups hold for CPUs with the same flags."""
     import platform
 
-    name = platform.processor() or platform.machine()
+    name, flags = platform.processor() or platform.machine(), []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores"
+        return {"model": name, "flags": flags}
+    model = listed = None  # the first processor's lines
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and listed is None:
+            listed = set(value.split())
+    return {"model": model or name, "flags": [f for f in CPU_FLAGS if f in (listed or ())]}
+
+
+def cpu_name(info: dict | None = None) -> str:
+    """One line naming the CPU (:func:`cpu_info`), its core count and whether ``avx512_vnni`` and
+    ``amx_int8`` are listed, e.g. ``"Intel(R) Xeon(R) Processor, 2 logical cores, avx512_vnni yes, amx_int8 yes"``."""
+    import os
+
+    info = info or cpu_info()
+    flags = ", ".join(f"{f} {'yes' if f in info['flags'] else 'no'}" for f in ("avx512_vnni", "amx_int8"))
+    return f"{info['model']}, {os.cpu_count()} logical cores, {flags}"
 
 
 def time_run(
@@ -256,8 +282,10 @@ def bench_run(
     box's accuracy can differ from the run's. Reads files only; writes nothing.
 
     Returns:
-        ``{"run", "metric", "metric_source", "cpu", "threads", "sentences", "rounds", "batch_sizes", "rows"}``,
-        rows as :func:`time_models` gives them, file paths relative to ``run_dir``.
+        ``{"run", "metric", "metric_source", "cpu" (:func:`cpu_name`, printed in the table's caption),
+        "cpu_info" (:func:`cpu_info`), "threads", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
+        :func:`time_models` gives them, file paths relative to ``run_dir``; with ``evaluate`` each row's
+        ``batch_differ`` is measured here (:func:`prune_attattr.deploy.onnx_eval.batch_differences`).
 
     Raises:
         RunError: ``run_dir`` is no run folder (no ``recipe.yaml``, no ``onnx/model.onnx``).
@@ -285,17 +313,24 @@ def bench_run(
     threads = threads if threads is not None else recipe.runtime.threads
     source = "report.json"
     if evaluate:
-        from .onnx_eval import evaluate_onnx
+        import torch
+
+        from ..evaluation import compute_metrics
+        from .onnx_eval import batch_differences, predict_onnx
 
         for c in models:
-            c.metric = evaluate_onnx(c.path, dev, metrics, threads=threads)[metric]
+            alone = predict_onnx(c.path, dev.texts, dev.pairs, batch_size=1, threads=threads)
+            c.metric = compute_metrics(metrics, torch.from_numpy(alone.argmax(-1)), torch.tensor(dev.labels))[metric]
+            c.batch_differ = batch_differences(c.path, dev, threads=threads, alone=alone)
         source = f"measured here on {len(dev)} dev examples"
     rows = time_run(models, dev, run_dir, sentences=n, threads=threads, rounds=rounds, batch_sizes=batch_sizes)
+    cpu = cpu_info()
     return {
         "run": str(run_dir),
         "metric": metric,
         "metric_source": source,
-        "cpu": cpu_name(),
+        "cpu": cpu_name(cpu),
+        "cpu_info": cpu,
         "threads": threads,
         "sentences": n,
         "rounds": rounds,

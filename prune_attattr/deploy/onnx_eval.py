@@ -5,7 +5,9 @@ This is the figure ``export.max_drop`` judges for the shipped model (issue 16): 
 model's, but the file's. Dynamic int8 quantization computes each activation's scale from the whole
 batch it sees (padding included), so an int8 graph's predictions depend slightly on the batch it runs
 in; the default ``batch_size=1`` measures each example alone, as served one request at a time, and
-makes the figure independent of batching.
+makes the figure independent of batching. :func:`batch_differences` counts the examples whose predicted
+class changes between batch 1 and batch 16 (issue 21 item 4: 14 of 872 SST-2 dev sentences for the
+dynamic int8 graph of the main job; 0 for float32 and static int8).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from .quantize import logits, session
 from ..tasks import Examples
 
-__all__ = ["load_folder_tokenizer", "tokenize", "predict_onnx", "evaluate_onnx"]
+__all__ = ["load_folder_tokenizer", "tokenize", "predict_onnx", "evaluate_onnx", "differing_predictions", "batch_differences"]
 
 
 def load_folder_tokenizer(folder: str | Path):
@@ -119,3 +121,37 @@ def evaluate_onnx(
     out = predict_onnx(path, examples.texts, examples.pairs, max_length=max_length, batch_size=batch_size, threads=threads)
     preds = torch.from_numpy(out.argmax(-1))
     return compute_metrics(metrics, preds, torch.tensor(examples.labels))
+
+
+def differing_predictions(a: np.ndarray, b: np.ndarray) -> int:
+    """How many rows of ``a [N, C]`` and ``b [N, C]`` (logits of the same examples) predict another class (argmax).
+
+    Raises:
+        ValueError: shapes that differ.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"logits of different shapes: {a.shape} and {b.shape}")
+    return int((a.argmax(-1) != b.argmax(-1)).sum())
+
+
+def batch_differences(
+    path: str | Path,
+    examples: Examples,
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    threads: int | None = None,
+    alone: np.ndarray | None = None,
+) -> int:
+    """How many of ``examples`` the graph at ``path`` labels differently alone (batch 1) and among
+    consecutive batchmates (``batch_size``, padded to the longest): zero for a graph whose answer for
+    a sentence does not depend on its batch.
+
+    Args:
+        alone: the graph's batch-1 logits ``[N, C]`` on ``examples`` when already computed (:func:`predict_onnx`).
+    """
+    if alone is None:
+        alone = predict_onnx(path, examples.texts, examples.pairs, max_length=max_length, batch_size=1, threads=threads)
+    batched = predict_onnx(path, examples.texts, examples.pairs, max_length=max_length, batch_size=batch_size, threads=threads)
+    return differing_predictions(alone, batched)

@@ -2,12 +2,15 @@
 
 ``save_pruned`` writes ``model.safetensors``, ``config.json`` (the pruned heads under
 ``prune_attattr_pruned_heads``, {layer: [heads]} with original head indices, the pruned feed-forward
-neurons under ``prune_attattr_pruned_neurons``, {layer: [neurons]} likewise, and an ``auto_map``
-entry), the tokenizer, and ``modeling_pruned.py``: a self-contained modeling file (torch and
-transformers only) that rebuilds the pruned architecture. So, without prune-attattr installed::
+neurons under ``prune_attattr_pruned_neurons``, {layer: [neurons]} likewise, an ``auto_map`` entry, a
+``custom_pipelines`` entry and the task's class names in ``id2label``), the tokenizer, and
+``modeling_pruned.py``: a self-contained modeling file (torch and transformers only) that rebuilds the
+pruned architecture and holds the text-classification pipeline class transformers builds for it. So,
+without prune-attattr installed::
 
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, pipeline
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
+    classify = pipeline("text-classification", model=folder, trust_remote_code=True)  # labels by name
 
 and with it::
 
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
 
 from ..families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, family_of, layers_path
 
-__all__ = ["save_pruned", "load_pruned", "MODELING_FILE", "AUTO_CLASS"]
+__all__ = ["save_pruned", "load_pruned", "set_label_names", "MODELING_FILE", "AUTO_CLASS", "PIPELINE_CLASS"]
 
 MODELING_FILE = "modeling_pruned.py"
 AUTO_CLASS = "PrunedForSequenceClassification"
+PIPELINE_CLASS = "PrunedTextClassificationPipeline"  # in MODELING_FILE; config.json's custom_pipelines names it
 _TEMPLATE = Path(__file__).parent / "templates" / "modeling_pruned.py"
 
 
@@ -68,7 +73,26 @@ def _readable(directory: Path) -> None:
         os.chmod(f, 0o755 if f.is_dir() else 0o644)
 
 
-def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
+def set_label_names(config, names: Sequence[str] | None):
+    """Set ``config.id2label`` / ``label2id`` to ``names`` (class id = position), in place; returns ``config``.
+
+    What ``pipeline("text-classification")``, optimum and the Hub show as the labels. ``None`` leaves
+    the config as it is.
+
+    Raises:
+        ValueError: ``names`` not one per class of the config (``num_labels``), or repeated.
+    """
+    if names is None:
+        return config
+    names = [str(n) for n in names]
+    if len(names) != config.num_labels or len(set(names)) != len(names):
+        raise ValueError(f"label names {names} are not {config.num_labels} distinct names, one per class of the model")
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
+    return config
+
+
+def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, *, label_names: Sequence[str] | None = None) -> Path:
     """Write a pruned (or unpruned) classifier so that stock transformers and :func:`load_pruned` load it.
 
     Args:
@@ -76,12 +100,15 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
             and :func:`prune_attattr.prune.neurons.prune_neurons`.
         directory: output folder (created).
         tokenizer: saved beside the weights when given.
+        label_names: the classes' names, class id = position (e.g. ``["negative", "positive"]``), written
+            as the saved config's ``id2label``/``label2id``; None keeps the model's.
 
     Returns:
         ``directory``. ``model`` and its config are not changed.
 
     Raises:
         prune_attattr.families.ModelError: unsupported family.
+        ValueError: ``label_names`` not one distinct name per class.
     """
     from safetensors.torch import save_file
 
@@ -96,8 +123,14 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None) -> Path
     config = copy.deepcopy(model.config)
     setattr(config, PRUNED_HEADS_KEY, {str(k): v for k, v in pruned_heads_of(model).items()})
     setattr(config, PRUNED_NEURONS_KEY, {str(k): v for k, v in pruned_neurons_of(model).items()})
+    set_label_names(config, label_names)
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{AUTO_CLASS}"}
     config.architectures = [AUTO_CLASS]
+    # transformers' custom-pipeline entry (what Pipeline.save_pretrained writes for a registered pipeline): the
+    # stock text-classification pipeline, without the "not supported" message for the custom class
+    config.custom_pipelines = {
+        "text-classification": {"impl": f"{MODELING_FILE[:-3]}.{PIPELINE_CLASS}", "pt": ["AutoModelForSequenceClassification"], "tf": [], "type": "text"}
+    }
     config.save_pretrained(directory)
     (directory / MODELING_FILE).write_text(source)
     if tokenizer is not None:
@@ -132,8 +165,9 @@ def load_pruned(directory: str | Path) -> nn.Module:
     heads = getattr(config, PRUNED_HEADS_KEY, None) or {}
     neurons = getattr(config, PRUNED_NEURONS_KEY, None) or {}
     config._attn_implementation = register_attention()
-    if hasattr(config, "auto_map"):
-        del config.auto_map  # the stock class; prune_units below does what modeling_pruned.py does
+    for key in ("auto_map", "custom_pipelines"):  # the stock class; prune_units below does what modeling_pruned.py does
+        if hasattr(config, key):
+            delattr(config, key)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
     prepare(model)
     prune_units(model, heads={int(k): v for k, v in heads.items()}, neurons={int(k): v for k, v in neurons.items()})

@@ -180,7 +180,9 @@ class PruningStep:
 
     ``flops_fraction``: FLOPs per token kept, as a fraction of the unpruned model's
     (:func:`prune_attattr.prune.cost.unit_flops`; filled by the caller for head curves), ``budget``: the
-    FLOPs fraction a budgeted step was searched for (None for head-count steps).
+    FLOPs fraction a budgeted step was searched for (None for head-count steps), ``loyalty``:
+    ``{"label", "probability"}`` against the unpruned model (:func:`prune_attattr.evaluation.loyalty`;
+    filled by the caller, None when not measured).
     """
 
     heads_pruned: int
@@ -192,6 +194,7 @@ class PruningStep:
     pruned_neurons: dict[str, list[int]] = field(default_factory=dict)
     flops_fraction: float | None = None
     budget: float | None = None
+    loyalty: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

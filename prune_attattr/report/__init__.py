@@ -7,7 +7,8 @@ content as ``report.json``), so a notebook can re-render a saved run.
 """
 
 from .analyses import analyses_markdown, draw_tree, plot_connections, plot_effectiveness, plot_triggers, plot_universality, write_analyses_files
-from .common import by_flops, chance_warning, method_settings
+from .cards import card_metadata, render_card, write_cards
+from .common import by_flops, chance_warning, method_settings, report_warnings
 from .console import curves_table, deployment_table, print_chance_warning, print_report, recovery_table, terminal_chart
 from .markdown import deployment_markdown, recovery_markdown, write_json, write_markdown
 from .plots import write_neuron_heatmaps, write_plot, write_tradeoff_plot
@@ -25,6 +26,10 @@ __all__ = [
     "recovery_table",
     "write_tradeoff_plot",
     "chance_warning",
+    "report_warnings",
+    "render_card",
+    "card_metadata",
+    "write_cards",
     "print_chance_warning",
     "method_settings",
     "analyses_markdown",

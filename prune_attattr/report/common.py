@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 
-__all__ = ["MARKERS", "by_flops", "chance_warning", "method_settings"]
+__all__ = ["MARKERS", "by_flops", "chance_warning", "report_warnings", "method_settings"]
 
 
 MARKERS = {"attattr": "A", "taylor": "T", "fisher": "F", "accuracy_difference": "D", "attention": "S", "random": "R"}
@@ -18,6 +18,11 @@ MARKERS = {"attattr": "A", "taylor": "T", "fisher": "F", "accuracy_difference": 
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _loyalty(x: dict | None) -> str:
+    """``"label / probability"`` loyalty in % (:func:`prune_attattr.evaluation.loyalty`), ``-`` when not measured."""
+    return "-" if not x else f"{100 * x['label']:.1f} / {100 * x['probability']:.1f}"
 
 
 def by_flops(report: dict) -> bool:
@@ -58,6 +63,22 @@ def chance_warning(chance: dict | None) -> str | None:
     return "WARNING: " + chance_message(chance)
 
 
+def report_warnings(report: dict) -> list[str]:
+    """Every warning of a run, each a line starting with ``WARNING:``: the unpruned model at chance
+    (:func:`chance_warning`), then what the export ships when it is at chance or, with its size set by
+    ``export.flops``/``export.heads``, further below the unpruned model than ``export.max_drop``
+    (:func:`prune_attattr.checks.shipped_problems` on the report's ``export.shipped``). The same lines go to
+    the console, report.md, report.json (``warnings``) and the model cards."""
+    from ..checks import shipped_problems
+
+    first = chance_warning(report.get("chance"))
+    lines = [first] if first else []
+    shipped = (report.get("export") or {}).get("shipped") or {}
+    export_settings = (report.get("recipe") or {}).get("export") or {}
+    lines += ["WARNING: " + x for x in shipped_problems(export_settings, shipped)]
+    return lines
+
+
 def _mflops(x: float) -> str:
     return f"{x / 1e6:.2f}"
 
@@ -80,6 +101,9 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
     for b in sizes:
         head += [f"ms, batch {b}", f"speed-up, batch {b}"]
     head += ["MB", "smaller"]
+    differ = any(r.get("batch_differ") is not None for r in bench["rows"])
+    if differ:  # issue 21: dev predictions that change between batch 1 and batch 16
+        head.append("differ, batch 1 vs 16")
     cells = []
     for r in bench["rows"]:
         row = [r["label"] + (" (deployed)" if r.get("deployed") else ""), r["file"], _pct(r.get("metric"))]
@@ -87,6 +111,8 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
             row += [_ms(r, b), _times(r, "speedup", b)]
         mb = r.get("mb")
         row += ["-" if mb is None else f"{mb:.1f}", "-" if not (mb and ref_mb) else f"{ref_mb / mb:.2f}x"]
+        if differ:
+            row.append("-" if r.get("batch_differ") is None else str(r["batch_differ"]))
         cells.append(row)
     return head, cells
 

@@ -6,7 +6,7 @@ content as ``report.json``), so a notebook can re-render a saved run.
 
 from __future__ import annotations
 
-from .common import MARKERS, _axis_label, _deployment_caption, _deployment_cells, _grid, _mflops, _pct, _row_label, by_flops, chance_warning
+from .common import MARKERS, _axis_label, _deployment_caption, _deployment_cells, _grid, _loyalty, _mflops, _pct, _row_label, by_flops, chance_warning, report_warnings
 
 __all__ = ["curves_table", "terminal_chart", "print_chance_warning", "print_report", "recovery_table", "deployment_table"]
 
@@ -83,8 +83,9 @@ def print_chance_warning(chance: dict | None, print_fn) -> None:
 
 
 def print_report(report: dict, console) -> None:
-    """Print the curves table, the chart and the export summary with rich (and the chance-level
-    warning last, where a reader of the log looks)."""
+    """Print the curves table, the chart and the export summary with rich (and the warnings last, in bold
+    red, where a reader of the log looks: :func:`prune_attattr.report.common.report_warnings`)."""
+    from rich.markup import escape
     from rich.panel import Panel
 
     console.print(curves_table(report))
@@ -104,17 +105,21 @@ def print_report(report: dict, console) -> None:
                 else ""
             )
         )
-    print_chance_warning(report.get("chance"), console.print)
+    for line in report_warnings(report):
+        console.print(f"[bold red]{escape(line)}[/]")
 
 
 def recovery_table(report: dict):
-    """A rich Table of the unpruned model and every recovered candidate: cost, latency, metric before/after."""
+    """A rich Table of the unpruned model and every recovered candidate: cost, latency, metric and loyalty
+    to the unpruned model (label / probability, %; Xu et al. 2021) before and after recovery."""
     from rich.table import Table
 
     rec = report["recovery"]
     metric = report["primary_metric"]
     table = Table(title=f"recovery: {metric} (%) and cost per model ({rec['schedule']} pruning)")
-    for col in ("model", "heads", "neurons", "FLOPs %", "params", "attn MFLOP/tok", "total MFLOP/tok", "ONNX ms", "before", "after", "min"):
+    cols = ("model", "heads", "neurons", "FLOPs %", "params", "attn MFLOP/tok", "total MFLOP/tok", "ONNX ms", "before", "after",
+            "loyal before", "loyal after", "min")
+    for col in cols:
         table.add_column(col, justify="right")
     for m in rec["models"]:
         table.add_row(
@@ -128,15 +133,20 @@ def recovery_table(report: dict):
             f"{m['latency_ms']:.2f}" if m.get("latency_ms") is not None else "-",
             _pct(m["metric_before"]),
             _pct(m.get("metric_after")),
+            _loyalty(m.get("loyalty_before")),
+            _loyalty(m.get("loyalty_after")),
             f"{m['recovery_minutes']:.1f}" if m.get("recovery_minutes") is not None else "-",
         )
+    table.caption = "loyalty: label / probability (%) against the unpruned model (Xu et al. 2021)"
     return table
 
 
 def deployment_table(bench: dict):
     """A rich Table of the timed graphs (``deployment["bench"]`` of :func:`prune_attattr.deploy.deployment.deploy_run`,
     or :func:`prune_attattr.deploy.bench.bench_run`'s result): per row the metric (%), median ms and speed-up at
-    each batch size, file size (MiB) and how many times smaller than the first row."""
+    each batch size, file size (MiB), how many times smaller than the first row, and (when measured) how
+    many dev predictions differ between batch 1 and batch 16. The caption names the CPU and whether it
+    lists avx512_vnni and amx_int8 (:func:`prune_attattr.deploy.bench.cpu_name`)."""
     from rich.table import Table
 
     head, cells = _deployment_cells(bench)

@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 
 from .analyses import analyses_markdown
-from .common import _axis_label, _deployment_caption, _deployment_cells, _grid, _mflops, _pct, _row_label, _settings_lines, by_flops, chance_warning, method_settings
+from .common import _axis_label, _deployment_caption, _deployment_cells, _grid, _loyalty, _mflops, _pct, _row_label, _settings_lines, by_flops, method_settings, report_warnings
 
 __all__ = ["write_json", "write_markdown", "recovery_markdown", "deployment_markdown"]
 
 
 def write_json(report: dict, path: Path) -> None:
     """``report.json`` (indent 2), with ``method_settings`` (see :func:`method_settings`) added and, first,
-    ``warnings``: a list of lines (the chance-level warning), empty when there is none."""
-    warning = chance_warning(report.get("chance"))
-    out = {"warnings": [warning] if warning else [], **report, "method_settings": method_settings(report)}
+    ``warnings``: a list of lines (:func:`prune_attattr.report.common.report_warnings`: the unpruned model at
+    chance, an exported model at chance or below ``export.max_drop``), empty when there is none."""
+    out = {"warnings": report_warnings(report), **report, "method_settings": method_settings(report)}
     path.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
 
 
@@ -29,8 +29,7 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
     total = report["total_heads"]
     metric = report["primary_metric"]
     lines = [f"# prune-attattr report: {report['run_name']}", ""]
-    warning = chance_warning(report.get("chance"))
-    if warning:
+    for warning in report_warnings(report):
         lines += [f"> **{warning}**", ""]
     lines.append(
         f"Model `{report['model']}`, task `{report['task']}`; {metric} on {report['eval_split']} "
@@ -63,6 +62,8 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
     if exp:
         lines += ["", "## Export", ""]
         lines.append(f"- method `{exp['method']}`, rule: {exp['rule']}")
+        if exp.get("labels"):
+            lines.append("- labels (`id2label` of `model/` and `onnx/`): " + ", ".join(f"{i} `{n}`" for i, n in enumerate(exp["labels"])))
         lines.append(f"- heads kept {exp['heads_kept']}/{total}; pruned heads per layer: `{json.dumps(exp['pruned_heads'])}`")
         if exp.get("pruned_neurons"):
             lines.append(
@@ -117,16 +118,18 @@ def recovery_markdown(report: dict, plot_name: str | None = "tradeoff.png") -> l
     lines += [
         "",
         f"FLOPs per token analytic at {seq} tokens (`prune_attattr.prune.cost.flops_per_token`); ONNX Runtime latency "
-        f"median of one batch of the export stage's latency inputs.",
+        f"median of one batch of the export stage's latency inputs. Loyalty to the unpruned model (Xu et al. 2021), in %: "
+        f"label (share of dev predictions equal to the unpruned model's) / probability (1 - Jensen-Shannon distance, "
+        f"base 2, of the softmax outputs, averaged over dev examples).",
         "",
     ]
     if plot_name and all(m.get("latency_ms") is not None for m in rec["models"]):
         lines += [f"![{metric} vs latency]({plot_name})", ""]
     lines.append(
         f"| model | heads | neurons | FLOPs kept (%) | parameters | attention MFLOP/token | total MFLOP/token | ONNX ms | "
-        f"{metric} before (%) | after recovery (%) | recovery min |"
+        f"{metric} before (%) | after recovery (%) | loyalty before | loyalty after | recovery min |"
     )
-    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in rec["models"]:
         lat = f"{m['latency_ms']:.2f}" if m.get("latency_ms") is not None else "-"
         mins = f"{m['recovery_minutes']:.1f}" if m.get("recovery_minutes") is not None else "-"
@@ -135,13 +138,19 @@ def recovery_markdown(report: dict, plot_name: str | None = "tradeoff.png") -> l
             f"| {name} | {m['heads_kept']} | {m.get('neurons_kept', '-')} | "
             + (f"{100 * m['flops_fraction']:.1f}" if m.get("flops_fraction") is not None else "-")
             + f" | {m['parameters']:,} | {_mflops(m['attention_flops_per_token'])} | "
-            f"{_mflops(m['total_flops_per_token'])} | {lat} | {_pct(m['metric_before'])} | {_pct(m.get('metric_after'))} | {mins} |"
+            f"{_mflops(m['total_flops_per_token'])} | {lat} | {_pct(m['metric_before'])} | {_pct(m.get('metric_after'))} | "
+            f"{_loyalty(m.get('loyalty_before'))} | {_loyalty(m.get('loyalty_after'))} | {mins} |"
         )
     return lines
 
 
+_KIND_NAMES = {"float32": "float32", "int8": "dynamic int8", "int8_static": "static int8"}
+
+
 def deployment_markdown(deployment: dict) -> list[str]:
-    """``report.md`` lines of the deployment section: which file ships, the budget decision, the timing table.
+    """``report.md`` lines of the deployment section: which graph ships and why (budget, batch independence,
+    speed), each int8 scheme, the shipped graph's loyalty, the timing table (with each graph's dev predictions
+    that differ between batch 1 and 16).
 
     ``deployment``: the report's ``export.deployment`` (:func:`prune_attattr.deploy.deployment.deploy_run`);
     empty list when None.
@@ -150,20 +159,35 @@ def deployment_markdown(deployment: dict) -> list[str]:
         return []
     bench, pruned = deployment["bench"], deployment["pruned"]
     lines = ["", "## Deployment", ""]
-    q = pruned.get("quantization")
-    shipped = f"`onnx/{pruned['deployed']}` is {pruned['precision']}"
-    if pruned["files"].get("float32") and pruned["files"]["float32"] != pruned["deployed"]:
-        shipped += f"; the float32 graph is `onnx/{pruned['files']['float32']}`"
-    if q:
-        shipped += f" (int8: {q['method']}, weights {q['weights']}, activations {q['activations']})"
+    q = pruned.get("quantization") or {}
+    if "method" in q:  # a report from before static int8: one dynamic scheme
+        q = {"int8": q}
+    kind = pruned["precision"]
+    shipped = f"`onnx/{pruned['deployed']}` is {_KIND_NAMES.get(kind, kind)}"
+    others = [f"{_KIND_NAMES.get(k, k)} `onnx/{f}`" for k, f in pruned["files"].items() if f and f != pruned["deployed"]]
+    if others:
+        shipped += "; also built: " + ", ".join(others)
     lines.append(f"- shipped: {shipped}")
-    fused = pruned["fusion"].get(pruned["precision"], {})
+    if pruned.get("choice"):
+        lines.append(f"- why: {pruned['choice']['reason']}")
+    for k, scheme in q.items():
+        lines.append(f"- {_KIND_NAMES.get(k, k)}: {scheme['method']}, weights {scheme['weights']}, activations {scheme['activations']}")
+    fused = pruned["fusion"].get(kind, {})
     lines.append(
         "- fused ONNX Runtime kernels: " + (", ".join(f"{k} x{v}" for k, v in fused.get("ops", {}).items()) or "none")
         + (f" ({fused['note']})" if fused.get("note") else "")
     )
-    if pruned.get("max_abs_diff_int8_vs_float32") is not None:
-        lines.append(f"- int8 max |logit diff| vs float32 on the check batches: {pruned['max_abs_diff_int8_vs_float32']:.3g}")
+    diffs = pruned.get("max_abs_diff_vs_float32") or (
+        {"int8": pruned["max_abs_diff_int8_vs_float32"]} if pruned.get("max_abs_diff_int8_vs_float32") is not None else {}
+    )
+    for k, d in diffs.items():
+        lines.append(f"- {_KIND_NAMES.get(k, k)} max |logit diff| vs float32 on the check batches: {d:.3g}")
+    loyal = (deployment.get("loyalty") or {}).get(kind)
+    if loyal:
+        lines.append(
+            f"- loyalty of the shipped graph to the unpruned float32 graph (dev split, one sentence at a time): label "
+            f"{_pct(loyal['label'])}%, probability {_pct(loyal['probability'])}% (Xu et al. 2021)"
+        )
     base = deployment.get("baseline") or {}
     if deployment.get("floor") is not None:
         lines.append(

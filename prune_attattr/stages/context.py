@@ -4,7 +4,8 @@
 (:class:`prune_attattr.cache.StageCache`); :class:`Prepared` is the fine-tuned model with its data.
 Every stage-cache key starts from ``Prepared.model_key`` and :data:`STAGE_CACHE_VERSION`; an evaluated
 pruning step is keyed on the dev examples' tokens, the evaluation settings and the pruned heads
-(:func:`cached_evaluate`).
+(:func:`cached_evaluation`), and stored with its loyalty to the unpruned model, whose dev logits are
+computed once per model and cached (:func:`reference_logits`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ import torch
 
 from ..cache import StageCache, digest, encoded_digest
 from ..config import Recipe
-from ..evaluation import evaluate_model
+from ..evaluation import Evaluation, evaluate_outputs, loyalty
 from ..progress import console
 from ..prune.neurons import pruned_neurons_of
 from ..prune.heads import pruned_heads_of
 from ..tasks import Encoded, Examples, make_dataloader
 
-__all__ = ["STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "mean_length", "cached_evaluate"]
+__all__ = [
+    "STAGE_CACHE_VERSION", "RunContext", "Prepared", "pruned_key", "mean_length", "reference_logits", "cached_evaluation", "cached_evaluate",
+]
 
 STAGE_CACHE_VERSION = 1  # bump when a change in the code changes importance scores, metrics or recovered weights
 
@@ -125,6 +128,7 @@ class Prepared:
     model_key: str = ""
     unpruned_latency: dict | None = None  # ONNX Runtime latency of ``model`` on the latency feeds, measured once
     dev_examples: Examples | None = None  # the dev split's texts and labels (the deployed ONNX model is evaluated on them)
+    reference: Evaluation | None = None  # the unpruned model's dev evaluation with its logits [N, C] (reference_logits)
 
 
 def pruned_key(model) -> list:
@@ -144,16 +148,57 @@ def mean_length(data: Encoded) -> float:
 def _eval_key(prep: Prepared, model) -> str:
     r = prep.ctx.recipe
     settings = {"batch_size": r.pruning.eval_batch_size, "metrics": prep.ctx.metrics}
-    return digest("evaluate", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.dev_enc), settings, pruned_key(model))
+    # "loyalty": the entry holds {"metrics", "loyalty"}; entries of metrics alone (before loyalty) are not read
+    return digest("evaluate", STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.dev_enc), settings, pruned_key(model), "loyalty")
 
 
-def cached_evaluate(prep: Prepared, model, *, description: str | None = None) -> tuple[dict, bool]:
-    """``(metrics, reused)`` of ``model`` on the dev loader, from the stage cache when possible."""
+def _reference(prep: Prepared) -> tuple[Evaluation, bool]:
+    """``(evaluation of the unpruned model with its logits, reused)``: computed once per run (kept in
+    ``prep.reference``), stage-cached (logits as tensors) like the baseline metrics."""
+    if prep.reference is not None:
+        return prep.reference, True
+    ctx = prep.ctx
+    key = _eval_key(prep, prep.model)
+    hit = ctx.cached_tensors(digest("reference logits", key))
+    if hit is not None:
+        logits = hit[1]["logits"].float().cpu()
+        prep.reference = Evaluation(hit[0]["metrics"], logits, loyalty(logits, logits))
+        return prep.reference, True
+    result = evaluate_outputs(prep.model, prep.dev_loader, ctx.accelerator, ctx.metrics, description="dev")
+    result.loyalty = loyalty(result.logits, result.logits)
+    prep.reference = result
+    ctx.store(digest("reference logits", key), {"metrics": result.metrics}, {"logits": result.logits})
+    ctx.store(key, {"metrics": result.metrics, "loyalty": result.loyalty})
+    return result, False
+
+
+def reference_logits(prep: Prepared) -> torch.Tensor:
+    """The unpruned model's dev logits ``[N, C]`` (float32, CPU, dev loader order, the same on every
+    process): the reference of every loyalty figure. Computed once per run and stage-cached with the
+    unpruned model's metrics, like the baseline evaluation (the same pass gives both)."""
+    return _reference(prep)[0].logits
+
+
+def cached_evaluation(prep: Prepared, model, *, description: str | None = None) -> tuple[dict, dict | None, bool]:
+    """``(metrics, loyalty, reused)`` of ``model`` on the dev loader, from the stage cache when possible.
+
+    ``loyalty``: :func:`prune_attattr.evaluation.loyalty` against the unpruned model's dev logits
+    (:func:`reference_logits`), computed in the same pass as the metrics; None for a regression head.
+    The unpruned model's own evaluation is the pass that computes the reference (loyalty 1 and 1)."""
+    if model is prep.model:
+        ref, reused = _reference(prep)
+        return ref.metrics, ref.loyalty, reused
     ctx = prep.ctx
     key = _eval_key(prep, model)
     hit = ctx.cached(key)
     if hit is not None:
-        return hit, True
-    metrics = evaluate_model(model, prep.dev_loader, ctx.accelerator, ctx.metrics, description=description)
-    ctx.store(key, metrics)
-    return metrics, False
+        return hit["metrics"], hit["loyalty"], True
+    result = evaluate_outputs(model, prep.dev_loader, ctx.accelerator, ctx.metrics, reference=reference_logits(prep), description=description)
+    ctx.store(key, {"metrics": result.metrics, "loyalty": result.loyalty})
+    return result.metrics, result.loyalty, False
+
+
+def cached_evaluate(prep: Prepared, model, *, description: str | None = None) -> tuple[dict, bool]:
+    """``(metrics, reused)`` of ``model`` on the dev loader (:func:`cached_evaluation` without the loyalty)."""
+    metrics, _, reused = cached_evaluation(prep, model, description=description)
+    return metrics, reused

@@ -6,7 +6,9 @@ method (accuracy vs heads kept; each step's FLOPs fraction is recorded too). ``n
 (accuracy vs FLOPs kept); a head-only method (accuracy difference, attention) prunes heads on the same
 axis. ``pruning.compare_units`` adds each method's curve for other unit kinds, named
 ``"<method> (<units>)"`` (:func:`curve_name`). Every evaluated step (and every re-scoring with
-``pruning.rescore``) is cached, so an interrupted curve resumes. With ``pruning.schedule: iterative``
+``pruning.rescore``) is cached, so an interrupted curve resumes. Every step records its loyalty to the
+unpruned model (``PruningStep.loyalty``, :func:`prune_attattr.evaluation.loyalty`), measured in the pass
+that measures its metric. With ``pruning.schedule: iterative``
 ``export.method``'s curve is :func:`iterative_curve` instead: a brief recovery between steps (Michel et
 al. 2019).
 """
@@ -19,12 +21,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..prune.cost import UnitCosts, unit_flops
-from ..evaluation import evaluate_model
+from ..evaluation import evaluate_outputs
 from ..prune.curve import balance_for, flops_curve
 from ..prune.heads import pruned_heads_of, pruning_curve
 from ..recover.distill import recover, recovery_dataloader
 from ..registry import NEURON_METHODS
-from .context import Prepared, cached_evaluate, mean_length
+from .context import Prepared, cached_evaluation, mean_length, reference_logits
 from .importance import cached_importance, compute_importance
 
 if TYPE_CHECKING:
@@ -79,17 +81,34 @@ def curves_stage(
 
 
 def _counting_evaluate(prep: Prepared):
-    """``(evaluate, counts)``: a step evaluation through the stage cache that counts the steps and how many
-    came from the cache (``counts["steps"]``, ``counts["reused"]``), for the report's ``reused`` list."""
+    """``(evaluate, counts, loyalties)``: a step evaluation through the stage cache that counts the steps
+    and how many came from the cache (``counts["steps"]``, ``counts["reused"]``, for the report's
+    ``reused`` list) and appends each step's loyalty to ``loyalties`` in evaluation order (one evaluation
+    per step: :func:`_attach_loyalty` puts them on the steps)."""
     counts = {"steps": 0, "reused": 0}
+    loyalties: list = []
 
     def evaluate(model):
-        metrics, reused = cached_evaluate(prep, model)
+        metrics, loyal, reused = cached_evaluation(prep, model)
         counts["steps"] += 1
         counts["reused"] += reused
+        loyalties.append(loyal)
         return metrics
 
-    return evaluate, counts
+    return evaluate, counts, loyalties
+
+
+def _attach_loyalty(steps: list, loyalties: list) -> list:
+    """Set each step's ``loyalty`` from the evaluations' (one per step, in order).
+
+    Raises:
+        RuntimeError: a curve that did not evaluate each step exactly once (a change in the curve code).
+    """
+    if len(steps) != len(loyalties):
+        raise RuntimeError(f"{len(loyalties)} evaluations for {len(steps)} curve steps; loyalty cannot be matched to the steps")
+    for s, loyal in zip(steps, loyalties):
+        s.loyalty = loyal
+    return steps
 
 
 def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str) -> list:
@@ -97,7 +116,7 @@ def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_s
     every step's evaluation cached."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]
-    evaluate, counts = _counting_evaluate(prep)
+    evaluate, counts, loyalties = _counting_evaluate(prep)
 
     def show(s):
         ctx.print(
@@ -109,11 +128,11 @@ def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_s
     with ctx.stage(stage):
         steps = flops_curve(
             prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
-            units=units, seq_len=seq_len, balance=balance_for(method, r.pruning.balance), on_step=show,
+            units=units, seq_len=seq_len, balance=balance_for(method, r.pruning.balance, r.importance.attattr.aggregate), on_step=show,
         )
     if counts["reused"]:
         ctx.reused.append(f"{stage} ({counts['reused']}/{counts['steps']} steps)")
-    return steps
+    return _attach_loyalty(steps, loyalties)
 
 
 def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
@@ -124,7 +143,7 @@ def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
     if r.pruning.schedule == "iterative" and method == r.export.method and recovery is not None:  # issue 10
         with ctx.stage(name + " (iterative, with recovery)"):
             return iterative_curve(prep, scores[method], method, recovery)
-    evaluate, counts = _counting_evaluate(prep)
+    evaluate, counts, loyalties = _counting_evaluate(prep)
 
     def rescore(m):
         return cached_importance(prep, method, m)[0]
@@ -140,7 +159,7 @@ def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
         )
     if counts["reused"]:
         ctx.reused.append(f"{name} ({counts['reused']}/{counts['steps']} steps)")
-    return curve
+    return _attach_loyalty(curve, loyalties)
 
 
 def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: RecoveryState) -> list:
@@ -168,11 +187,20 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
         state.snapshots[step] = copy.deepcopy(work)
         return compute_importance(method, work, prep.imp_loader, ctx)
 
-    return pruning_curve(
+    reference = reference_logits(prep)
+    loyalties: list = []
+
+    def evaluate(m):
+        result = evaluate_outputs(m, prep.dev_loader, ctx.accelerator, ctx.metrics, reference=reference)
+        loyalties.append(result.loyalty)
+        return result.metrics
+
+    steps = pruning_curve(
         prep.model,
         scores,
-        lambda m: evaluate_model(m, prep.dev_loader, ctx.accelerator, ctx.metrics),
+        evaluate,
         step_fraction=r.pruning.step_fraction,
         rescore_fn=rescore,
         on_step=lambda s: ctx.print(f"   {method} (iterative): {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
     )
+    return _attach_loyalty(steps, loyalties)

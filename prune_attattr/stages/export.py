@@ -24,7 +24,7 @@ from ..prune.neurons import prune_units
 from ..prune.heads import count_parameters, heads_to_prune
 from ..prune.search import SearchError
 from ..tasks import Encoded, make_dataloader
-from .context import Prepared, cached_evaluate, mean_length
+from .context import Prepared, cached_evaluation, mean_length
 
 __all__ = [
     "ExportChoice",
@@ -36,6 +36,7 @@ __all__ = [
     "latency_feeds",
     "measure_latency",
     "save_export",
+    "shipped_entry",
     "export_stage",
 ]
 
@@ -51,6 +52,7 @@ class ExportChoice:
     metrics: dict
     pruned_neurons: dict[int, list[int]] = field(default_factory=dict)
     flops_fraction: float | None = None
+    loyalty: dict | None = None  # {"label", "probability"} against the unpruned model (float32 PyTorch, dev split)
 
     def info(self, total: int) -> dict:
         return {
@@ -62,6 +64,7 @@ class ExportChoice:
             "pruned_neurons": {str(k): v for k, v in self.pruned_neurons.items()},
             "flops_fraction": self.flops_fraction,
             "metrics": self.metrics,
+            "loyalty": self.loyalty,
             "parameters": count_parameters(self.model),
         }
 
@@ -114,7 +117,7 @@ def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torc
     units = r.pruning.units if neuron_scores is not None else "heads"
     try:
         costs = unit_flops(prep.model, mean_length(prep.dev_enc))
-        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method, r.pruning.balance))
+        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method, r.pruning.balance, r.importance.attattr.aggregate))
     except SearchError as exc:
         raise RunError(f"export.flops {budget:g}: {exc}") from None
     return None, choice.pruned_heads, choice.pruned_neurons, rule
@@ -153,9 +156,12 @@ def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict, ne
         neurons = {int(k): v for k, v in step.pruned_neurons.items()}
         rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
     pruned_model = prune_copy(prep, pruned, neurons)
-    metrics = step.metrics if step is not None else cached_evaluate(prep, pruned_model)[0]
+    if step is not None and step.loyalty is not None:
+        metrics, loyal = step.metrics, step.loyalty
+    else:  # off the curve, or a step measured without loyalty: evaluated (stage-cached)
+        metrics, loyal, _ = cached_evaluation(prep, pruned_model)
     fraction = flops_fraction(pruned_model, unit_flops(prep.model, mean_length(prep.dev_enc)))
-    return ExportChoice(e.method, rule, pruned_model, pruned, metrics, neurons, fraction)
+    return ExportChoice(e.method, rule, pruned_model, pruned, metrics, neurons, fraction, loyal)
 
 
 def latency_feeds(prep: Prepared) -> dict:
@@ -186,24 +192,30 @@ def measure_latency(prep: Prepared, model, feeds: dict, example: dict | None = N
     return latency
 
 
-def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
+def save_export(prep: Prepared, choice: ExportChoice, out: Path, baseline: dict | None = None) -> dict:
     """Save the chosen model under ``out`` (main process): checkpoint, reload check, ONNX with its
-    PyTorch check, latency pruned vs unpruned. Returns the report's ``export`` entry.
+    PyTorch check, latency pruned vs unpruned. Returns the report's ``export`` entry, with ``labels`` (the
+    class names written as both folders' ``id2label``, :func:`prune_attattr.tasks.label_names`) and
+    ``shipped`` (:func:`shipped_entry`; ``baseline``: the unpruned model's dev metrics).
 
     Raises:
         RunError: ONNX logits differ from PyTorch by more than 1e-4.
     """
-    from ..prune.checkpoint import load_pruned, save_pruned
+    from ..prune.checkpoint import load_pruned, save_pruned, set_label_names
     from ..deploy.onnx_export import check_onnx, export_onnx_folder
+    from ..tasks import label_names
 
     ctx = prep.ctx
     e = ctx.recipe.export
     info = choice.info(num_heads_total(prep.model))
-    model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer)
+    names = label_names(ctx.recipe.data.task, ctx.labels)
+    info["labels"] = names
+    model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer, label_names=names)
     info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
     checks = example_batches(prep.dev_enc, ctx.pad_id, 8, 4)
     reloaded = load_pruned(model_dir)
     cpu_model = copy.deepcopy(choice.model).cpu()
+    set_label_names(cpu_model.config, names)  # onnx/config.json names the classes too
     with torch.no_grad():
         info["reload_max_abs_diff"] = max(
             float((forward_logits(reloaded, b) - forward_logits(cpu_model, b)).abs().max()) for b in checks
@@ -228,7 +240,57 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path) -> dict:
             "speedup": lat_u["median_ms"] / lat_p["median_ms"],
         }
         info["deployment"] = _deploy(prep, onnx_path, checks, out)
+        if "cpu" not in info["deployment"]:  # the machine the timings ran on, with its int8-relevant flags
+            from ..deploy.bench import cpu_info
+
+            info["deployment"]["cpu"] = cpu_info()
+    info["shipped"] = shipped_entry(prep, info, baseline)
+    _warn_shipped(prep, info["shipped"])
     return info
+
+
+def shipped_entry(prep: Prepared, info: dict, baseline: dict | None) -> dict:
+    """The report's ``export.shipped``: per shipped folder, its dev metric against the unpruned model's
+    and its :func:`prune_attattr.checks.chance_level` test (the same test as the unpruned model's).
+
+    ``model``: the PyTorch checkpoint (``info["metrics"]``, the PyTorch evaluation) against ``baseline``;
+    ``onnx`` (with ONNX export): the deployed graph (``onnx/model.onnx``, int8 or float32) measured by ONNX
+    Runtime on the dev split, against the unpruned float32 graph measured the same way.
+
+    Returns:
+        ``{folder: {"metric", "value", "baseline", "baseline_source", "chance", ["precision"]}}`` (fractions).
+    """
+    from ..checks import chance_level
+    from ..tasks import label_names
+
+    ctx = prep.ctx
+    metric = ctx.metrics[0]
+    names = label_names(ctx.recipe.data.task, ctx.labels)
+
+    def entry(value, base, source):
+        return {
+            "metric": metric, "value": value, "baseline": base, "baseline_source": source,
+            "chance": chance_level(metric, value, prep.dev_enc.labels, names),
+        }
+
+    out = {"model": entry(info["metrics"][metric], (baseline or {}).get(metric), "unpruned PyTorch model, dev split")}
+    d = info.get("deployment")
+    if d:
+        p = d["pruned"]
+        value = (p.get("metrics") or {}).get(p["precision"], {}).get(metric)
+        if value is not None:
+            out["onnx"] = {**entry(value, d["baseline"]["value"], d["baseline"]["source"]), "precision": p["precision"]}
+    return out
+
+
+def _warn_shipped(prep: Prepared, shipped: dict) -> None:
+    """Print :func:`prune_attattr.checks.shipped_problems` in bold red as the export ends (again at the end of the run)."""
+    from rich.markup import escape
+
+    from ..checks import shipped_problems
+
+    for line in shipped_problems(prep.ctx.recipe.export.model_dump(), shipped):
+        prep.ctx.print(f"[bold red]WARNING: {escape(line)}[/]")
 
 
 def _deploy(prep: Prepared, onnx_path: Path, checks: list[dict], out: Path) -> dict:
@@ -237,17 +299,46 @@ def _deploy(prep: Prepared, onnx_path: Path, checks: list[dict], out: Path) -> d
     ONNX Runtime on the whole dev split) and time them side by side (:func:`prune_attattr.deploy.deployment.deploy_run`)."""
     from ..deploy.deployment import deploy_run
     from ..deploy.onnx_export import export_onnx_folder
+    from ..prune.checkpoint import set_label_names
+    from ..tasks import label_names
 
     ctx, r = prep.ctx, prep.ctx.recipe
     e = r.export
-    unpruned = export_onnx_folder(copy.deepcopy(prep.model).cpu(), out / "unpruned" / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
+    reference = copy.deepcopy(prep.model).cpu()
+    set_label_names(reference.config, label_names(r.data.task, ctx.labels))
+    unpruned = export_onnx_folder(reference, out / "unpruned" / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
     judged = e.heads is None and e.flops is None  # export.max_drop chose the model: it judges the shipped file too
-    ctx.print("   deploying: " + ("int8 and float32 graphs" if e.quantize == "int8" else "float32 graphs") + ", dev metric by ONNX Runtime, timing")
-    return deploy_run(
+    graphs = {"none": "float32", "int8": "float32 and dynamic int8", "int8_static": "float32 and static int8", "all": "float32, dynamic and static int8"}
+    ctx.print(f"   deploying: {graphs[e.quantize]} graphs, dev metric and batch 1 vs 16 by ONNX Runtime, timing")
+    deployment = deploy_run(
         onnx_path, unpruned, check_batches=checks, examples=prep.dev_examples, metrics=ctx.metrics, quantize=e.quantize,
         reduce_range=e.reduce_range, per_channel=e.per_channel, max_drop=e.max_drop if judged else None, max_length=r.model.max_length,
+        calibration=_calibration_examples(prep), calibration_examples=e.calibration_examples, static_format=e.static_format,
         threads=r.runtime.threads or torch.get_num_threads(),
     )
+    ctx.print(f"   shipped onnx/model.onnx: {deployment['pruned']['choice']['reason']}")
+    return deployment
+
+
+def _calibration_examples(prep: Prepared):
+    """Training sentences for static int8 calibration (``export.calibration_examples``, shuffled with the
+    run's seed; never the dev split), or None when ``export.quantize`` builds no static graph.
+
+    Raises:
+        RunError: static int8 asked for without a training split.
+    """
+    import random
+
+    from ..tasks import load_task_data
+
+    r = prep.ctx.recipe
+    if r.export.quantize not in ("int8_static", "all"):
+        return None
+    train = load_task_data(r)[0]
+    if train is None or len(train) == 0:
+        raise RunError(f"export.quantize '{r.export.quantize}' calibrates on training sentences: give data.train_file, or use quantize int8")
+    order = random.Random(r.seed).sample(range(len(train)), min(r.export.calibration_examples, len(train)))
+    return train.subset(order)
 
 
 def export_stage(
@@ -260,5 +351,5 @@ def export_stage(
     with ctx.stage("export"):
         choice = choice if choice is not None else choose_export(prep, scores, curves, baseline, neuron_scores)
         if ctx.accelerator.is_main_process:
-            return save_export(prep, choice, tmp)
+            return save_export(prep, choice, tmp, baseline)
         return choice.info(num_heads_total(prep.model))

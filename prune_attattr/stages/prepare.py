@@ -17,7 +17,7 @@ from ..errors import RunError
 from ..checks import check_model_inputs, load_tokenizer
 from ..loading import load_classifier
 from ..models import align_labels, check_labels, num_heads_total, resolve_model_path
-from ..tasks import Examples, encode, load_task_data
+from ..tasks import Examples, encode, label_names, load_task_data
 from .context import Prepared, RunContext, cached_evaluate, mean_length
 
 __all__ = ["split_train", "check_run", "prepare", "evaluate_unpruned"]
@@ -51,13 +51,23 @@ def split_train(recipe: Recipe, train: Examples | None, dev: Examples):
     return imp_examples, ft
 
 
+def _names_map(model: torch.nn.Module, task: str, labels: list[str]) -> dict[str, str] | None:
+    """``{task label: readable name}`` when the model's ``id2label`` holds the task's readable names
+    (:func:`prune_attattr.tasks.label_names`; e.g. a model this tool exported for SST-2 says negative/positive
+    where the files say 0/1), else None."""
+    names = label_names(task, labels)
+    got = {str(v).lower() for v in (model.config.id2label or {}).values()}
+    return dict(zip(labels, names)) if names != list(labels) and got == {n.lower() for n in names} else None
+
+
 def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels: list[str]) -> None:
     """Every check that needs the loaded model (or the data), made before any long stage.
 
     Raises:
         RunError: ``export.heads`` above the model's head count; ``pruning.step_fraction`` that removes
             zero heads per step; an analysis whose input is missing (triggers without a training
-            split, universality sets without a split or with labels the model does not have).
+            split, universality sets without a split or with labels the model does not have); static
+            int8 (``export.quantize`` int8_static or all) without a training split to calibrate on.
     """
     r = recipe
     total = num_heads_total(model)
@@ -68,6 +78,8 @@ def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels
             f"pruning.step_fraction {r.pruning.step_fraction:g} removes 0 of the model's {total} heads per step "
             f"(rounds to zero); use at least {1 / total:.4g} (one head per step)"
         )
+    if r.export.enabled and r.export.quantize in ("int8_static", "all") and not has_train:
+        raise RunError(f"export.quantize '{r.export.quantize}' calibrates static int8 on training sentences; give data.train_file or use quantize int8")
     a = r.analyses
     if a.triggers.enabled and not has_train:
         raise RunError("analyses.triggers extracts patterns from training examples; give data.train_file or disable it")
@@ -142,7 +154,8 @@ def prepare(recipe: Recipe, accelerator=None, *, quiet: bool = False, use_cache:
     check_flops_budget(r, model, mean_length(dev_enc))
     label_order = None
     if ft_enc is None:  # a model used as it is: its labels must be the task's, in the task's order
-        label_order = check_labels(model, labels, r.data.label_map)  # model class ids in the task's order
+        label_map = r.data.label_map or _names_map(model, r.data.task, labels)
+        label_order = check_labels(model, labels, label_map)  # model class ids in the task's order
         if label_order != list(range(len(labels))):
             align_labels(model, label_order)
             ctx.print(f"   the model's classes {label_order} reordered to the task's labels {labels} (classifier rows permuted)")

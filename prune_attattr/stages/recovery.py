@@ -24,7 +24,7 @@ from ..cache import digest, encoded_digest, tensors_digest
 from ..config import Recipe
 from ..prune.cost import flops_per_token, unit_flops
 from ..errors import RunError
-from ..evaluation import evaluate_model
+from ..evaluation import evaluate_outputs
 from ..prune.curve import flops_fraction
 from ..models import kept_neurons, num_heads_total
 from ..prune.neurons import prune_units, pruned_neurons_of
@@ -32,7 +32,7 @@ from ..prune.heads import count_parameters, pruned_heads_of
 from ..recover.distill import recover, recovery_dataloader, teacher_logits
 from ..recover.rescale import least_squares
 from ..tasks import Encoded, encode, load_task_data, make_dataloader
-from .context import STAGE_CACHE_VERSION, Prepared, mean_length, pruned_key
+from .context import STAGE_CACHE_VERSION, Prepared, cached_evaluation, mean_length, pruned_key, reference_logits
 from .export import ExportChoice, example_batches, export_target, latency_feeds, measure_latency, within_budget
 from .prepare import split_train
 
@@ -160,8 +160,9 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     each candidate tried is a copy of the pruned model (of its briefly recovered model with
     ``pruning.schedule: iterative``) recovered by ``recovery.mode``: distillation
     (:func:`prune_attattr.recover.distill.recover`) or least squares (:func:`_least_squares`). Runs on every
-    process. The unpruned model and every tried one get their cost (:func:`model_cost`) and metric
-    before/after recovery in the report.
+    process. The unpruned model and every tried one get their cost (:func:`model_cost`), metric and
+    loyalty to the unpruned model (:func:`prune_attattr.evaluation.loyalty`) before/after recovery in the
+    report (``metric_before``/``metric_after``, ``loyalty_before``/``loyalty_after``).
 
     Raises:
         RunError: ``export.heads`` above the model's head count, an ``export.flops`` the units cannot reach.
@@ -203,20 +204,35 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
             key = _candidate_key(prep, state, student, from_snapshot)
             hit = ctx.cached_tensors(key)
             counts["tried"] += 1
+            reference = reference_logits(prep)
+
+            def evaluate(m):
+                return evaluate_outputs(m, prep.dev_loader, ctx.accelerator, ctx.metrics, reference=reference)
+
+            def unrecovered() -> tuple[dict, dict | None]:
+                if on_curve:
+                    return curve[i].metrics, curve[i].loyalty
+                got = evaluate(student)
+                return got.metrics, got.loyalty
+
             if hit is not None:  # the recovered weights, metrics and info of an earlier run
                 found, weights = hit
+                loyal_before = unrecovered()[1] if "loyalty" not in found else None  # an entry from before loyalty
                 student.load_state_dict(weights)
                 student.eval()
                 counts["reused"] += 1
+                if "loyalty" not in found:
+                    found["loyalty"] = {"before": loyal_before, "after": evaluate(student).loyalty}
+                    ctx.store(key, found, student.state_dict())
             else:
-                before = curve[i].metrics if on_curve else evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
+                before, loyal_before = unrecovered()
                 set_seed(r.seed)  # each candidate's dropout draws: the same whatever ran, or came from the cache, before
                 if rec.mode == "least_squares":
                     info = _least_squares(prep, state, student)
                 else:
                     info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
-                after = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)
-                found = {"before": before, "after": after, "recovery": info}
+                after = evaluate(student)
+                found = {"before": before, "after": after.metrics, "recovery": info, "loyalty": {"before": loyal_before, "after": after.loyalty}}
                 ctx.store(key, found, student.state_dict())
             models[i], infos[i] = student, found
             before, after, info = found["before"], found["after"], found["recovery"]
@@ -252,7 +268,11 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
                 rule += "; no recovered step met the budget, the least pruned one tried is exported"
         feeds = latency_feeds(prep)
         example = example_batches(prep.dev_enc, ctx.pad_id, 8, 1)[0]
-        rows = [{"label": "unpruned", "metric_before": baseline[metric], "metric_after": None, **model_cost(prep, model, feeds, example)}]
+        unpruned_loyalty = cached_evaluation(prep, model)[1]
+        rows = [{
+            "label": "unpruned", "metric_before": baseline[metric], "metric_after": None, "loyalty_before": unpruned_loyalty,
+            "loyalty_after": None, **model_cost(prep, model, feeds, example),
+        }]
         for i in tried:
             cost = model_cost(prep, models[i], feeds, example)
             rows.append({
@@ -260,6 +280,8 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
                 "exported": i == index,
                 "metric_before": infos[i]["before"][metric],
                 "metric_after": infos[i]["after"][metric],
+                "loyalty_before": infos[i]["loyalty"]["before"],
+                "loyalty_after": infos[i]["loyalty"]["after"],
                 "recovery_minutes": round(infos[i]["recovery"]["seconds"] / 60, 2),
                 **cost,
             })
@@ -278,6 +300,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
         "models": rows,
     }
     choice = ExportChoice(
-        e.method, rule, chosen, pruned_heads_of(chosen), infos[index]["after"], pruned_neurons_of(chosen), exported["flops_fraction"]
+        e.method, rule, chosen, pruned_heads_of(chosen), infos[index]["after"], pruned_neurons_of(chosen), exported["flops_fraction"],
+        infos[index]["loyalty"]["after"],
     )
     return Recovered(choice, report)

@@ -56,7 +56,7 @@ def build_report(
 
 def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | None = None) -> None:
     """Write recipe, importance, plot, Markdown and JSON into ``tmp``, then rename it to ``final`` (main process)."""
-    from ..report import print_report, write_json, write_markdown, write_neuron_heatmaps, write_plot
+    from ..report import print_report, write_cards, write_json, write_markdown, write_neuron_heatmaps, write_plot
 
     resolved, curves = report["recipe"], report["curves"]
     (tmp / "recipe.yaml").write_text(
@@ -71,6 +71,7 @@ def write_outputs(report: dict, tmp: Path, final: Path, *, recipe_source: str | 
         write_plot(report, tmp / "curves.png")
     write_markdown(report, tmp / "report.md", "curves.png" if curves else None)
     write_json(report, tmp / "report.json")
+    write_cards(report, tmp)  # model/README.md, onnx/README.md: figures from the same report
     if curves:
         print_report(report, console())
     if report.get("recovery"):  # recovery (issue 10)

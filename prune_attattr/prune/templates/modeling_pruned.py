@@ -10,6 +10,11 @@ those heads (rows of the query/key/value projections, columns of the attention o
 layer with no heads left keeps only the output projection's bias) and neurons (rows of the first
 feed-forward map and its bias, both halves of a gated one; columns of the second; a layer with no
 neurons left keeps only the second map's bias), and from_pretrained then loads the weights.
+
+``config.json`` names :class:`PrunedTextClassificationPipeline` under ``custom_pipelines``, so
+``pipeline("text-classification", model=folder, trust_remote_code=True)`` builds transformers' own
+text-classification pipeline for this model (transformers' "share a custom pipeline" mechanism),
+labels from ``config.id2label``.
 """
 
 import operator
@@ -17,6 +22,7 @@ import warnings
 
 import torch
 from torch import nn
+from transformers import TextClassificationPipeline
 from transformers import __BASE__ as _Base
 from transformers.pytorch_utils import prune_linear_layer
 
@@ -125,3 +131,18 @@ class PrunedForSequenceClassification(_Base):
         super().__init__(config, *args, **kwargs)
         _prune(self, getattr(config, "prune_attattr_pruned_heads", None) or {})
         _prune_neurons(self, getattr(config, "prune_attattr_pruned_neurons", None) or {})
+
+
+class PrunedTextClassificationPipeline(TextClassificationPipeline):
+    """transformers' text-classification pipeline, unchanged, for :class:`PrunedForSequenceClassification`.
+
+    The stock pipeline checks the model's class name against the classes it lists for the task and logs
+    "The model 'PrunedForSequenceClassification' is not supported for text-classification" otherwise.
+    A pruned __BASE__ is a __BASE__ (a subclass with fewer heads and neurons, the same inputs and
+    ``logits [batch, labels]``), so the check is made on that class.
+    """
+
+    def check_model_type(self, supported_models):
+        if isinstance(self.model, _Base):
+            return
+        super().check_model_type(supported_models)
