@@ -255,6 +255,11 @@ class ExportSettings(_Strict):
         "split and gives every sentence the same label at batch 1 and 16 ships as onnx/model.onnx",
     )
     calibration_examples: int = Field(256, ge=1, description="int8_static/all: training sentences that calibrate the activation scales")
+    vocabulary: Literal["all", "train"] = Field(
+        "all",
+        description="train: keep only the word embeddings of the tokens in the training split (never dev), the special "
+        "tokens and every single-character piece, and ship a rewritten tokenizer (prune_attattr.prune.vocabulary); all: keep every row",
+    )
     static_format: Literal["qoperator", "qdq"] = Field(
         "qoperator", description="int8_static/all: QLinear operators in the graph (qoperator) or QuantizeLinear/DequantizeLinear pairs (qdq)"
     )

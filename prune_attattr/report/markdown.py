@@ -74,6 +74,16 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
             lines.append(f"- FLOPs per token: {100 * exp['flops_fraction']:.1f}% of the unpruned model's (dev mean length)")
         lines.append(f"- {metric}: {_pct(exp['metrics'][metric])}% (unpruned {_pct(report['baseline'][metric])}%)")
         lines.append(f"- parameters {exp['parameters']:,} (unpruned {report['baseline_parameters']:,}); checkpoint {exp['checkpoint_mb']:.1f} MB")
+        v = exp.get("vocabulary")
+        if v:
+            full = (exp.get("metrics_full_vocabulary") or {}).get(metric)
+            lines.append(
+                f"- vocabulary: {v['kept']:,} of {v['total']:,} tokens kept ({v['from_training_texts']:,} from the training split, "
+                f"{v['special']} special, {v['single_characters']:,} single characters); {v['dev_texts_with_dropped_tokens']} of "
+                f"{v['dev_texts']} dev texts held a dropped token ({v['dev_tokens_dropped']} tokens); word embeddings "
+                f"{v['embedding_mb']['before']:.1f} -> {v['embedding_mb']['after']:.1f} MB float32"
+                + (f"; {metric} {_pct(full)}% with every token" if full is not None else "")
+            )
         lines.append(f"- reload max |logit diff|: {exp['reload_max_abs_diff']:.2e}")
         if exp.get("onnx"):
             o = exp["onnx"]

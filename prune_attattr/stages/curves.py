@@ -183,7 +183,8 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
         loader = recovery_dataloader(state.train.subset(range(n)), batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed + step)
         table = state.table[:n] if state.table is not None else None
         set_seed(r.seed + step)  # dropout draws independent of which earlier stages ran or came from the cache
-        recover(work, None, loader, ctx.accelerator, r.recovery.model_copy(update={"epochs": 1}), cached_teacher=table)
+        teacher = prep.model if r.recovery.hidden_weight > 0 else None  # layer-wise distillation runs it per batch
+        recover(work, teacher, loader, ctx.accelerator, r.recovery.model_copy(update={"epochs": 1}), cached_teacher=table)
         state.snapshots[step] = copy.deepcopy(work)
         return compute_importance(method, work, prep.imp_loader, ctx)
 

@@ -25,6 +25,7 @@ from ..prune.heads import count_parameters, heads_to_prune
 from ..prune.search import SearchError
 from ..tasks import Encoded, make_dataloader
 from .context import Prepared, cached_evaluation, mean_length
+from .vocabulary import VocabularyExport, remap_batch, vocabulary_export
 
 __all__ = [
     "ExportChoice",
@@ -192,11 +193,16 @@ def measure_latency(prep: Prepared, model, feeds: dict, example: dict | None = N
     return latency
 
 
-def save_export(prep: Prepared, choice: ExportChoice, out: Path, baseline: dict | None = None) -> dict:
+def save_export(prep: Prepared, choice: ExportChoice, out: Path, baseline: dict | None = None, vocab: VocabularyExport | None = None) -> dict:
     """Save the chosen model under ``out`` (main process): checkpoint, reload check, ONNX with its
     PyTorch check, latency pruned vs unpruned. Returns the report's ``export`` entry, with ``labels`` (the
     class names written as both folders' ``id2label``, :func:`prune_attattr.tasks.label_names`) and
     ``shipped`` (:func:`shipped_entry`; ``baseline``: the unpruned model's dev metrics).
+
+    ``vocab`` (``export.vocabulary: train``, :func:`prune_attattr.stages.vocabulary.vocabulary_export`):
+    its model and rewritten tokenizer are what both folders ship; ``metrics`` and ``loyalty`` become
+    theirs (the full-vocabulary figures stay as ``metrics_full_vocabulary``, ``loyalty_full_vocabulary``)
+    and ``vocabulary`` says what was kept.
 
     Raises:
         RunError: ONNX logits differ from PyTorch by more than 1e-4.
@@ -210,25 +216,31 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path, baseline: dict 
     info = choice.info(num_heads_total(prep.model))
     names = label_names(ctx.recipe.data.task, ctx.labels)
     info["labels"] = names
-    model_dir = save_pruned(choice.model, out / "model", ctx.tokenizer, label_names=names)
-    info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
+    shipped_model, tokenizer = (vocab.model, vocab.tokenizer) if vocab is not None else (choice.model, ctx.tokenizer)
     checks = example_batches(prep.dev_enc, ctx.pad_id, 8, 4)
+    if vocab is not None:
+        info["metrics_full_vocabulary"], info["loyalty_full_vocabulary"] = info["metrics"], info.get("loyalty")
+        info["metrics"], info["loyalty"], info["vocabulary"] = vocab.metrics, vocab.loyalty, vocab.info
+        info["parameters"] = count_parameters(shipped_model)
+        checks = [remap_batch(b, vocab.remap) for b in checks]  # new ids: valid inputs of both models
+    model_dir = save_pruned(shipped_model, out / "model", tokenizer, label_names=names)
+    info["checkpoint_mb"] = (model_dir / "model.safetensors").stat().st_size / 2**20
     reloaded = load_pruned(model_dir)
-    cpu_model = copy.deepcopy(choice.model).cpu()
+    cpu_model = copy.deepcopy(shipped_model).cpu()
     set_label_names(cpu_model.config, names)  # onnx/config.json names the classes too
     with torch.no_grad():
         info["reload_max_abs_diff"] = max(
             float((forward_logits(reloaded, b) - forward_logits(cpu_model, b)).abs().max()) for b in checks
         )
     if e.onnx:
-        onnx_path = export_onnx_folder(cpu_model, out / "onnx", checks[-1], ctx.tokenizer, opset=e.onnx_opset)
+        onnx_path = export_onnx_folder(cpu_model, out / "onnx", checks[-1], tokenizer, opset=e.onnx_opset)
         diff = check_onnx(cpu_model, onnx_path, checks)
         if diff > 1e-4:
             raise RunError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-4); the export was not written")
         # latency: pruned vs unpruned on the same inputs
         feeds = latency_feeds(prep)
         lat_u = measure_latency(prep, prep.model, feeds, checks[-1])
-        lat_p = measure_latency(prep, cpu_model, feeds, path=onnx_path)
+        lat_p = measure_latency(prep, cpu_model, _remap_feeds(feeds, vocab), path=onnx_path)
         info["onnx"] = {
             "file": "onnx/model.onnx",
             "mb": onnx_path.stat().st_size / 2**20,
@@ -247,6 +259,13 @@ def save_export(prep: Prepared, choice: ExportChoice, out: Path, baseline: dict 
     info["shipped"] = shipped_entry(prep, info, baseline)
     _warn_shipped(prep, info["shipped"])
     return info
+
+
+def _remap_feeds(feeds: dict, vocab: VocabularyExport | None) -> dict:
+    """Latency feeds (numpy) in the pruned vocabulary's ids when ``vocab`` is given."""
+    if vocab is None:
+        return feeds
+    return {**feeds, "input_ids": vocab.remap.numpy()[feeds["input_ids"]]}
 
 
 def shipped_entry(prep: Prepared, info: dict, baseline: dict | None) -> dict:
@@ -350,6 +369,7 @@ def export_stage(
     ctx = prep.ctx
     with ctx.stage("export"):
         choice = choice if choice is not None else choose_export(prep, scores, curves, baseline, neuron_scores)
+        vocab = vocabulary_export(prep, choice.model) if ctx.recipe.export.vocabulary == "train" else None  # every process: it evaluates
         if ctx.accelerator.is_main_process:
-            return save_export(prep, choice, tmp, baseline)
+            return save_export(prep, choice, tmp, baseline, vocab)
         return choice.info(num_heads_total(prep.model))

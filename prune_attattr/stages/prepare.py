@@ -67,7 +67,7 @@ def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels
         RunError: ``export.heads`` above the model's head count; ``pruning.step_fraction`` that removes
             zero heads per step; an analysis whose input is missing (triggers without a training
             split, universality sets without a split or with labels the model does not have); static
-            int8 (``export.quantize`` int8_static or all) without a training split to calibrate on.
+            int8 (``export.quantize`` int8_static or all) or ``export.vocabulary: train`` without a training split.
     """
     r = recipe
     total = num_heads_total(model)
@@ -80,6 +80,8 @@ def check_run(recipe: Recipe, model: torch.nn.Module, *, has_train: bool, labels
         )
     if r.export.enabled and r.export.quantize in ("int8_static", "all") and not has_train:
         raise RunError(f"export.quantize '{r.export.quantize}' calibrates static int8 on training sentences; give data.train_file or use quantize int8")
+    if r.export.enabled and r.export.vocabulary == "train" and not has_train:
+        raise RunError("export.vocabulary 'train' keeps the tokens of the training split; give data.train_file or use export.vocabulary all")
     a = r.analyses
     if a.triggers.enabled and not has_train:
         raise RunError("analyses.triggers extracts patterns from training examples; give data.train_file or disable it")

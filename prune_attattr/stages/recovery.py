@@ -230,7 +230,8 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
                 if rec.mode == "least_squares":
                     info = _least_squares(prep, state, student)
                 else:
-                    info = recover(student, None, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
+                    teacher = prep.model if rec.hidden_weight > 0 else None  # layer-wise distillation runs it per batch
+                    info = recover(student, teacher, state.loader, ctx.accelerator, rec, cached_teacher=state.table)
                 after = evaluate(student)
                 found = {"before": before, "after": after.metrics, "recovery": info, "loyalty": {"before": loyal_before, "after": after.loyalty}}
                 ctx.store(key, found, student.state_dict())
