@@ -94,18 +94,36 @@ class FinetuneSettings(_Strict):
 
 
 class AttAttrSettings(_Strict):
-    """Self-attention attribution settings (Hao et al. 2021, Eq. 3).
+    """Self-attention attribution settings (Hao et al. 2021, Eq. 3), heads and feed-forward neurons.
+
+    ``aggregate`` reduces one example's attribution of a unit (a head's ``T x T`` matrix over real
+    tokens, a neuron's ``T`` tokens) before the sum over examples: ``max`` (the paper, section 4.1);
+    ``sum`` (signed total = integrated gradients of a gate on the unit's output along the path where
+    the whole layer is scaled together: additive and complete, so heads and neurons share one unit);
+    ``abs_sum`` (|total| per example); ``sq_sum`` (total^2 per example, as Fisher). ``objective``: the
+    attributed output, the gold (or predicted) class's probability (``prob``, the paper) or its log
+    (``log_prob``: minus the cross-entropy loss with ``target: gold``). The additive aggregates need no
+    balancing of heads against neurons: ``pruning.balance: auto`` uses ``none`` for them, ``cost`` for
+    ``max``. The analyses (attribution graphs, head pruning curves of the paper) always use the paper's
+    settings; these apply to importance for pruning.
 
     Sample YAML::
 
         attattr: {mode: reference, steps: 20, quadrature: left, target: gold}   # paper-exact
         attattr: {mode: fast, steps: 20, quadrature: left, target: gold}        # same numbers, faster
+        attattr: {aggregate: sum, objective: log_prob}                          # additive, on the loss
     """
 
     steps: int = Field(20, ge=1, le=1024, description="Riemann / quadrature steps m")
     mode: Literal["fast", "reference"] = "fast"
     quadrature: Literal["left", "midpoint", "gauss"] = "left"
     target: Literal["gold", "predicted"] = "gold"
+    aggregate: Literal["max", "sum", "abs_sum", "sq_sum"] = Field(
+        "max", description="per-example reduction of a unit's attribution: max (paper), sum, abs_sum, sq_sum"
+    )
+    objective: Literal["prob", "log_prob"] = Field(
+        "prob", description="attributed output: target-class probability (paper) or its log"
+    )
     chunk_size: int | None = Field(
         None, ge=1, description="deprecated (rows per forward); use importance.max_tokens_per_forward"
     )
@@ -188,7 +206,7 @@ class PruningSettings(_Strict):
     balance: Literal["auto", "cost", "none"] = Field(
         "auto",
         description="units both: how head and neuron scores share one scale in the FLOPs search (prune_attattr.prune.search): "
-        "none = raw scores (Kwon et al.), cost = each kind's total importance per FLOP equalised; auto = none for fisher, cost otherwise",
+        "none = raw scores (Kwon et al.), cost = each kind's total importance per FLOP equalised; auto = none for fisher and for attattr with an additive aggregate (sum, abs_sum, sq_sum), cost otherwise",
     )
     step_fraction: float = Field(0.1, gt=0, le=1, description="units heads: fraction of all heads removed per step")
     rescore: bool = Field(False, description="re-score the remaining heads after every step")

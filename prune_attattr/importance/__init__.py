@@ -17,6 +17,22 @@ Feed-forward neurons (issue 15) get ``[num_layers, intermediate_size]`` scores b
 (:mod:`prune_attattr.importance.masks`) and ``random_neuron_importance``; ``fisher_importance`` scores
 heads. :func:`unit_importance` returns both kinds from one call, from one backward where the method
 allows it (taylor, fisher). ``accuracy_difference`` and ``attention`` score heads only.
+
+AttAttr's pruning settings (issue 20; paper defaults ``aggregate="max"``, ``objective="prob"``):
+
+* ``aggregate`` (:data:`AGGREGATES`), from one example's attribution of a head (its ``T x T`` matrix
+  over real tokens) or of a neuron (its ``T`` tokens): ``max`` (Hao et al. 2021, section 4.1), summed
+  over examples; ``sum``, the signed total, summed over examples: the integrated gradient of a gate on
+  the unit's output along the path where the whole layer is scaled together, additive and complete,
+  so heads and neurons share one unit; ``abs_sum``: ``|total|`` per example, summed; ``sq_sum``:
+  ``total^2`` per example, summed (as Fisher squares the mask gradient). One attribution pass gives
+  every aggregate (:func:`attattr_variants`).
+* ``objective`` (:data:`~prune_attattr.importance.attattr.OBJECTIVES`): the attributed output,
+  the target probability (``prob``, the paper) or its log (``log_prob``; with the gold label, minus
+  the loss Taylor and Fisher differentiate). Each objective is its own pass.
+
+:func:`~prune_attattr.importance.leave_one_out.leave_one_out` gives the ground truth these estimate: the
+exact change of the loss and of the metric when one unit is masked.
 """
 
 from __future__ import annotations
@@ -43,8 +59,10 @@ from ..models import (
 from ..precision import autocast, resolve_precision
 from ..registry import METHODS
 from .attattr import (
+    OBJECTIVES,
     attention_attribution,
     attribution_head_scores,
+    attribution_head_sums,
     iter_group_attributions,
     iter_layer_attributions,
     quadrature_nodes,
@@ -57,7 +75,8 @@ from .batching import (
     token_budget,
 )
 from .masks import mask_gradients
-from .neurons import iter_neuron_attributions, neuron_attribution, neuron_scores
+from .leave_one_out import LeaveOneOut, leave_one_out
+from .neurons import iter_neuron_attributions, neuron_attribution, neuron_scores, neuron_sums
 
 __all__ = [
     "METHODS",
@@ -66,6 +85,13 @@ __all__ = [
     "iter_layer_attributions",
     "quadrature_nodes",
     "attattr_importance",
+    "attattr_variants",
+    "aggregate_examples",
+    "AGGREGATES",
+    "ADDITIVE_AGGREGATES",
+    "OBJECTIVES",
+    "leave_one_out",
+    "LeaveOneOut",
     "taylor_importance",
     "accuracy_difference_importance",
     "attention_importance",
@@ -83,6 +109,41 @@ __all__ = [
     "UNITS",
     "UNIT_METHODS",
 ]
+
+#: AttAttr's aggregations of one example's attribution of a unit (see the module docstring); ``max`` is the paper's.
+AGGREGATES: tuple[str, ...] = ("max", "sum", "abs_sum", "sq_sum")
+#: Aggregations additive over units: heads and neurons share one unit (no balancing in a joint search).
+ADDITIVE_AGGREGATES: tuple[str, ...] = ("sum", "abs_sum", "sq_sum")
+
+
+def aggregate_examples(maxes: torch.Tensor, sums: torch.Tensor, aggregate: str) -> torch.Tensor:
+    """Sum per-example unit scores over examples by ``aggregate`` (:data:`AGGREGATES`).
+
+    Args:
+        maxes: ``[N, ...]`` per-example max of each unit's attribution; sums: ``[N, ...]`` its total.
+        aggregate: ``max`` (Σ maxes), ``sum`` (Σ sums), ``abs_sum`` (Σ |sums|), ``sq_sum`` (Σ sums^2).
+
+    Returns:
+        ``[...]`` float32.
+
+    Raises:
+        ValueError: an unknown aggregate.
+    """
+    if aggregate == "max":
+        return maxes.float().sum(0)
+    if aggregate == "sum":
+        return sums.float().sum(0)
+    if aggregate == "abs_sum":
+        return sums.float().abs().sum(0)
+    if aggregate == "sq_sum":
+        return sums.float().pow(2).sum(0)
+    raise ValueError(f"unknown aggregate '{aggregate}'; use one of {list(AGGREGATES)}")
+
+
+def _check_aggregate(aggregate: str) -> None:
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate '{aggregate}'; use one of {list(AGGREGATES)}")
+
 
 #: Methods that score feed-forward neurons as well as heads.
 NEURON_METHODS: tuple[str, ...] = ("attattr", "taylor", "fisher", "random")
@@ -124,37 +185,129 @@ def attattr_importance(
     chunk_size: int | None = None,
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
+    aggregate: str = "max",
+    objective: str = "prob",
     description: str | None = "AttAttr importance",
 ) -> torch.Tensor:
     """Head importance by self-attention attribution (Hao et al. 2021, section 4.1).
 
-    For each example and head: the max of the head's attribution matrix (Eq. 3) over valid token
-    pairs; summed over examples. Unit: target-class probability. Returns ``[layers, heads]``.
-    ``chunk_size`` (deprecated) additionally caps rows per forward; see the module docstring for
-    ``max_tokens_per_forward`` and ``mixed_precision``.
+    Paper defaults: for each example and head, the max of the head's attribution matrix (Eq. 3) over
+    valid token pairs; summed over examples. ``aggregate`` (:data:`AGGREGATES`) and ``objective``
+    (``prob``, ``log_prob``) as in the module docstring. Unit: the objective's (``sq_sum``: squared).
+    Returns ``[layers, heads]``. ``chunk_size`` (deprecated) additionally caps rows per forward; see
+    the module docstring for ``max_tokens_per_forward`` and ``mixed_precision``.
+
+    Raises:
+        ValueError: an unknown ``aggregate`` or ``objective`` (and see :func:`attention_attribution`).
 
     Sample YAML::
 
         importance:
           methods: [attattr]
           max_tokens_per_forward: 16384
-          attattr: {steps: 20, target: gold, mode: fast, quadrature: left}
+          attattr: {steps: 20, target: gold, mode: fast, quadrature: left, aggregate: max, objective: prob}
     """
+    _check_aggregate(aggregate)
+    maxes, sums = _attattr_head_tables(
+        model, dataloader, accelerator, steps=steps, target=target, mode=mode, quadrature=quadrature, chunk_size=chunk_size,
+        max_tokens_per_forward=max_tokens_per_forward, mixed_precision=mixed_precision, objective=objective, description=description,
+    )
+    return aggregate_examples(maxes, sums, aggregate)
+
+
+def _attattr_head_tables(
+    model, dataloader, accelerator, *, steps, target, mode, quadrature, chunk_size, max_tokens_per_forward, mixed_precision,
+    objective, description,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example head max and total of the attribution, ``([N, layers, heads], [N, layers, heads])``, one pass."""
     precision = resolve_precision(mixed_precision, accelerator)
     heads = kept_heads(model)
 
     def work(batch):
-        table = _head_table(model, batch["input_ids"].shape[0], batch["input_ids"].device)
+        bsz, device = batch["input_ids"].shape[0], batch["input_ids"].device
+        maxes, sums = _head_table(model, bsz, device), _head_table(model, bsz, device)
         for layer, groups in iter_group_attributions(
             model, batch, steps=steps, target=target, mode=mode, quadrature=quadrature,
             max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=precision,
+            objective=objective,
         ):
             for g in groups:
-                _put(table, g.index, layer, heads[layer], attribution_head_scores(g.attr, g.attention_mask))
-        return table
+                _put(maxes, g.index, layer, heads[layer], attribution_head_scores(g.attr, g.attention_mask))
+                _put(sums, g.index, layer, heads[layer], attribution_head_sums(g.attr, g.attention_mask))
+        return maxes, sums
 
-    (per_example,) = over_batches(dataloader, accelerator, description, work)
-    return per_example.sum(0)
+    maxes, sums = over_batches(dataloader, accelerator, description, work)
+    return maxes, sums
+
+
+def _attattr_neuron_tables(
+    model, dataloader, accelerator, *, steps, target, mode, quadrature, max_tokens_per_forward, mixed_precision, objective,
+    description,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example neuron max and total of the attribution, ``([N, layers, neurons], [N, layers, neurons])``, one pass."""
+    precision = resolve_precision(mixed_precision, accelerator)
+    kept = kept_neurons(model)
+    n_layers, size = len(kept), intermediate_size(model)
+
+    def work(batch):
+        bsz, device = batch["input_ids"].shape[0], batch["input_ids"].device
+        maxes = torch.zeros(bsz, n_layers, size, device=device)
+        sums = torch.zeros(bsz, n_layers, size, device=device)
+        for layer, g in iter_neuron_attributions(
+            model, batch, steps=steps, target=target, mode=mode, quadrature=quadrature,
+            max_tokens_per_forward=max_tokens_per_forward, mixed_precision=precision, objective=objective,
+        ):
+            _put(maxes, g.index, layer, kept[layer], neuron_scores(g.attr, g.attention_mask))
+            _put(sums, g.index, layer, kept[layer], neuron_sums(g.attr, g.attention_mask))
+        return maxes, sums
+
+    maxes, sums = over_batches(dataloader, accelerator, description, work)
+    return maxes, sums
+
+
+def attattr_variants(
+    model: nn.Module,
+    dataloader,
+    accelerator,
+    *,
+    units: str = "both",
+    aggregates: Sequence[str] = AGGREGATES,
+    objective: str = "prob",
+    steps: int = 20,
+    target: str = "gold",
+    mode: str = "fast",
+    quadrature: str = "left",
+    max_tokens_per_forward: int | None = None,
+    mixed_precision: str | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """AttAttr scores of every aggregate in ``aggregates`` for one ``objective``, from one attribution pass
+    per unit kind: ``{aggregate: (heads [layers, heads] or None, neurons [layers, intermediate_size] or None)}``.
+
+    Each entry equals :func:`attattr_importance` / :func:`attattr_neuron_importance` with that aggregate
+    (``units``: ``heads``, ``neurons`` or ``both``). Arguments as theirs.
+
+    Raises:
+        ValueError: an unknown aggregate, objective or units.
+    """
+    if units not in UNITS:
+        raise ValueError(f"unknown units '{units}'; use heads, neurons or both")
+    for a in aggregates:
+        _check_aggregate(a)
+    ig = dict(steps=steps, target=target, mode=mode, quadrature=quadrature, max_tokens_per_forward=max_tokens_per_forward,
+              mixed_precision=mixed_precision, objective=objective)
+    head_tables = neuron_tables = None
+    if units in ("heads", "both"):
+        head_tables = _attattr_head_tables(model, dataloader, accelerator, chunk_size=None, **ig,
+                                           description=f"AttAttr heads ({objective})" if progress else None)
+    if units in ("neurons", "both"):
+        neuron_tables = _attattr_neuron_tables(model, dataloader, accelerator, **ig,
+                                               description=f"AttAttr neurons ({objective})" if progress else None)
+    return {
+        a: (None if head_tables is None else aggregate_examples(*head_tables, a),
+            None if neuron_tables is None else aggregate_examples(*neuron_tables, a))
+        for a in aggregates
+    }
 
 
 def taylor_importance(
@@ -337,31 +490,28 @@ def attattr_neuron_importance(
     quadrature: str = "left",
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
+    aggregate: str = "max",
+    objective: str = "prob",
     description: str | None = "AttAttr neuron importance",
 ) -> torch.Tensor:
     """Feed-forward neuron importance by knowledge attribution (Dai, Dong, Hao et al. 2022, Eq. 3-4).
 
-    For each example and neuron: the max over the example's valid tokens of the neuron's integrated-
-    gradients attribution (:func:`prune_attattr.importance.neurons.neuron_attribution`, zero
-    baseline, the head method's quadrature, steps and target); summed over examples. Unit:
-    target-class probability. Returns float32 ``[layers, intermediate_size]`` at original neuron
-    indices (pruned neurons 0). Sharded across processes like the head methods.
+    Defaults: for each example and neuron, the max over the example's valid tokens of the neuron's
+    integrated-gradients attribution (:func:`prune_attattr.importance.neurons.neuron_attribution`, zero
+    baseline, the head method's quadrature, steps and target); summed over examples. ``aggregate`` and
+    ``objective`` as for heads (module docstring). Unit: the objective's (target-class probability by
+    default). Returns float32 ``[layers, intermediate_size]`` at original neuron indices (pruned neurons
+    0). Sharded across processes like the head methods.
+
+    Raises:
+        ValueError: an unknown ``aggregate`` or ``objective`` (and see :func:`neuron_attribution`).
     """
-    precision = resolve_precision(mixed_precision, accelerator)
-    kept = kept_neurons(model)
-    n_layers, size = len(kept), intermediate_size(model)
-
-    def work(batch):
-        table = torch.zeros(batch["input_ids"].shape[0], n_layers, size, device=batch["input_ids"].device)
-        for layer, g in iter_neuron_attributions(
-            model, batch, steps=steps, target=target, mode=mode, quadrature=quadrature,
-            max_tokens_per_forward=max_tokens_per_forward, mixed_precision=precision,
-        ):
-            _put(table, g.index, layer, kept[layer], neuron_scores(g.attr, g.attention_mask))
-        return table
-
-    (per_example,) = over_batches(dataloader, accelerator, description, work)
-    return per_example.sum(0)
+    _check_aggregate(aggregate)
+    maxes, sums = _attattr_neuron_tables(
+        model, dataloader, accelerator, steps=steps, target=target, mode=mode, quadrature=quadrature,
+        max_tokens_per_forward=max_tokens_per_forward, mixed_precision=mixed_precision, objective=objective, description=description,
+    )
+    return aggregate_examples(maxes, sums, aggregate)
 
 
 def taylor_neuron_importance(
@@ -442,6 +592,8 @@ def unit_importance(
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
     progress: bool = True,
+    aggregate: str = "max",
+    objective: str = "prob",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Head and neuron importance of one method: ``(heads [layers, heads] or None, neurons [layers, intermediate_size] or None)``.
 
@@ -449,7 +601,7 @@ def unit_importance(
     kinds (``heads``, ``neurons``, ``both``; the other is None). Per method:
 
     * ``attattr``: :func:`attattr_importance` and :func:`attattr_neuron_importance` (two passes;
-      unit: target-class probability for both);
+      one unit for both: the objective's);
     * ``taylor``, ``fisher``: one forward and backward per group for both kinds
       (:func:`mask_gradients`); unit nats (taylor) or nats^2 (fisher) for both. Taylor heads are
       normalised per layer (Michel et al.) only when ``normalize`` says so; default: only for
@@ -458,7 +610,7 @@ def unit_importance(
     * ``random``: :func:`random_importance` and :func:`random_neuron_importance` (``seed``);
     * ``accuracy_difference``, ``attention``: heads only; neurons None.
 
-    ``steps``, ``target``, ``mode``, ``quadrature``, ``chunk_size`` are AttAttr's; ``metrics``
+    ``steps``, ``target``, ``mode``, ``quadrature``, ``chunk_size``, ``aggregate``, ``objective`` are AttAttr's; ``metrics``
     accuracy_difference's; ``max_tokens_per_forward`` and ``mixed_precision`` every method's;
     ``progress``: progress bars on the main process.
 
@@ -481,7 +633,7 @@ def unit_importance(
 
     heads = neurons = None
     if method == "attattr":
-        ig = dict(steps=steps, target=target, mode=mode, quadrature=quadrature, **bound)
+        ig = dict(steps=steps, target=target, mode=mode, quadrature=quadrature, aggregate=aggregate, objective=objective, **bound)
         if want_heads:
             heads = attattr_importance(model, dataloader, accelerator, chunk_size=chunk_size, **ig, **label("AttAttr importance"))
         if want_neurons:

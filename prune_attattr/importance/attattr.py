@@ -30,7 +30,10 @@ Under ``mixed_precision="bf16"``/``"fp16"`` the forwards run in autocast; the sc
 their gradients and the attribution sums stay float32.
 
 A head's importance is the max of its attribution matrix over token pairs, summed over examples
-(section 4.1, "Attribution Score for Head Pruning").
+(section 4.1, "Attribution Score for Head Pruning"). For pruning, :mod:`prune_attattr.importance` also
+offers the matrix's sum (:func:`attribution_head_sums`: the integrated gradient of a gate on the head's
+output along the joint path, additive and complete) and ``objective="log_prob"`` (the log of the
+target probability is attributed instead of the probability); the defaults are the paper's.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ from .batching import (
 
 Quadrature = Literal["left", "midpoint", "gauss"]
 Target = Literal["predicted", "gold"]
+Objective = Literal["prob", "log_prob"]
+#: What is integrated: the target-class probability (the paper) or its log (minus the cross-entropy loss).
+OBJECTIVES: tuple[str, ...] = ("prob", "log_prob")
 
 __all__ = [
     "quadrature_nodes",
@@ -73,7 +79,9 @@ __all__ = [
     "iter_layer_attributions",
     "iter_group_attributions",
     "attribution_head_scores",
+    "attribution_head_sums",
     "GroupAttribution",
+    "OBJECTIVES",
 ]
 
 
@@ -113,8 +121,17 @@ def _targets(logits: torch.Tensor, batch: dict, target: Target) -> torch.Tensor:
     raise ValueError(f"unknown target '{target}'; use predicted or gold")
 
 
-def _target_prob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _target_prob(logits: torch.Tensor, target: torch.Tensor, objective: Objective = "prob") -> torch.Tensor:
+    """The attributed output ``F [N]`` float32: the target class's probability (``objective="prob"``, the
+    paper) or its log-probability (``"log_prob"``; with the gold label, minus the cross-entropy loss)."""
+    if objective == "log_prob":
+        return torch.log_softmax(logits.float(), dim=-1).gather(-1, target.view(-1, 1)).squeeze(-1)
     return torch.softmax(logits.float(), dim=-1).gather(-1, target.view(-1, 1)).squeeze(-1)
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}'; use prob or log_prob")
 
 
 @dataclass
@@ -245,7 +262,7 @@ class _ScaledTargetLayer:
         return delta, self.split.rest(pre.to(normed.dtype), normed, summed)
 
 
-def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: int, max_rows: int | None, precision: str):
+def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: int, max_rows: int | None, precision: str, objective: Objective = "prob"):
     """Attribution ``[r, kept, W, W]`` float32 of ``layer`` for one prepared group (see :func:`_fast_attributions`).
 
     The backward's leaf is the target layer's attention output (:class:`_ScaledTargetLayer`); the
@@ -286,7 +303,7 @@ def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: i
                 logits_a = classify(model, out)
             else:
                 logits_a = logits_from_layer(model, out, rep(group.mask, k), layer + 1)
-            prob = _target_prob(logits_a, group.target.repeat(k))
+            prob = _target_prob(logits_a, group.target.repeat(k), objective)
         (grad,) = torch.autograd.grad(prob.sum(), delta)  # Σ_k w_k ∂F/∂attn_out(alpha_k)
         grad_u += grad.float()
     grad_ctx = torch.matmul(grad_u, w_o.weight.float())  # [r, T_q, heads * d]
@@ -297,7 +314,7 @@ def _fast_layer(model, group: _Group, layer: int, alphas, weights, max_tokens: i
     return attr, probs
 
 
-def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision):
+def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision, objective="prob"):
     """Per layer, the :class:`GroupAttribution` of every length group (the fast procedure).
 
     Same quantity as :func:`_reference_attributions`, with the work cut where it changes nothing:
@@ -323,12 +340,12 @@ def _fast_attributions(model, batch, rows, steps, target, layers, quadrature, ma
             continue
         out = []
         for g in groups:
-            attr, probs = _fast_layer(model, g, layer, alphas, weights, max_tokens, max_rows, precision)
+            attr, probs = _fast_layer(model, g, layer, alphas, weights, max_tokens, max_rows, precision, objective)
             out.append(GroupAttribution(g.index, attr, probs, g.sub["attention_mask"]))
         yield layer, out
 
 
-def _reference_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision):
+def _reference_attributions(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision, objective="prob"):
     """The paper's procedure: one example at a time on its own tokens; per layer, whole-model forwards
     of the scaled copies (at most ``max_tokens`` tokens each) and their backward."""
     alphas, weights = quadrature_nodes(steps, quadrature)
@@ -360,7 +377,7 @@ def _reference_attributions(model, batch, rows, steps, target, layers, quadratur
                 scaled = (a.view(k, 1, 1, 1) * probs32).requires_grad_(True)
                 with torch.enable_grad(), autocast(device, precision):
                     logits_a = forward_logits(model, copies, AttentionControl(replace={layer: scaled}))
-                    prob = _target_prob(logits_a, tgt.expand(k))
+                    prob = _target_prob(logits_a, tgt.expand(k), objective)
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
                 grad_sum += (w.view(k, 1, 1, 1) * grad.float()).sum(0)
             attr = (probs32[0] * grad_sum)[None]
@@ -391,6 +408,7 @@ def iter_group_attributions(
     max_tokens_per_forward: int | None = None,
     chunk_size: int | None = None,
     mixed_precision: str | None = None,
+    objective: Objective = "prob",
 ) -> Iterator[tuple[int, list[GroupAttribution]]]:
     """Yield ``(layer, [GroupAttribution per group of rows])``: the attributions before they are placed back.
 
@@ -398,6 +416,7 @@ def iter_group_attributions(
     in the caller's layout is built. Arguments as in :func:`attention_attribution`.
     """
     layers = _check_layers(model, layers)
+    _check_objective(objective)
     if mode not in ("fast", "reference"):
         raise ValueError(f"unknown mode '{mode}'; use fast or reference")
     if target not in ("predicted", "gold"):
@@ -414,7 +433,7 @@ def iter_group_attributions(
     try:
         with frozen(model):
             run = _fast_attributions if mode == "fast" else _reference_attributions
-            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision)
+            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision, objective)
     finally:
         model.train(was_training)
 
@@ -444,6 +463,7 @@ def iter_layer_attributions(
     max_tokens_per_forward: int | None = None,
     chunk_size: int | None = None,
     mixed_precision: str | None = None,
+    objective: Objective = "prob",
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(layer, attribution [B, kept_heads, T, T] float32, probabilities [B, kept_heads, T, T])``.
 
@@ -456,6 +476,7 @@ def iter_layer_attributions(
     for layer, groups in iter_group_attributions(
         model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature,
         max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=mixed_precision,
+        objective=objective,
     ):
         attr, probs = _place(groups, rows, bsz, batch["input_ids"].device)
         yield layer, attr, probs
@@ -473,6 +494,7 @@ def attention_attribution(
     max_tokens_per_forward: int | None = None,
     chunk_size: int | None = None,
     mixed_precision: str | None = None,
+    objective: Objective = "prob",
 ) -> torch.Tensor:
     """Self-attention attribution scores (Hao et al. 2021, Eq. 2-3) for every head of the chosen layers.
 
@@ -494,15 +516,17 @@ def attention_attribution(
         chunk_size: deprecated; if given, also at most this many rows per forward.
         mixed_precision: ``"no"`` (default), ``"bf16"`` or ``"fp16"``: autocast on the batch's
             device type; attribution sums stay float32.
+        objective: the attributed output ``F``: ``"prob"``, the target-class probability (paper), or
+            ``"log_prob"``, its log (with ``target="gold"``: minus the cross-entropy loss).
 
     Returns:
         float32 tensor ``[B, len(layers), num_attention_heads, T, T]`` (query, key) in the caller's
-        rows and columns; the unit is the target-class probability. Pruned heads and padded
+        rows and columns; the unit is the target-class probability (or its log). Pruned heads and padded
         positions are 0.
 
     Raises:
-        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature``, layer index, token bound,
-            precision, an empty row, padding between tokens, or a row longer than the token bound.
+        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature``, ``objective``, layer index, token
+            bound, precision, an empty row, padding between tokens, or a row longer than the token bound.
     """
     layers = _check_layers(model, layers)
     bsz, seq = batch["input_ids"].shape
@@ -513,6 +537,7 @@ def attention_attribution(
     for layer, attr, _ in iter_layer_attributions(
         model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature,
         max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size, mixed_precision=mixed_precision,
+        objective=objective,
     ):
         out[:, position[layer], heads[layer]] = attr
     return out
@@ -532,3 +557,22 @@ def attribution_head_scores(attr: torch.Tensor, attention_mask: torch.Tensor) ->
     pair = (valid[:, :, None] & valid[:, None, :])[:, None]
     masked = attr.float().masked_fill(~pair, float("-inf"))
     return masked.flatten(2).max(-1).values
+
+
+def attribution_head_sums(attr: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-example head total: the sum of the attribution over valid (query, key) pairs.
+
+    Scaling head ``h``'s probabilities by alpha scales its output by alpha, so this sum is the integrated
+    gradient of a gate on head ``h``'s output along the path where the whole layer's attention is scaled
+    together (Eq. 2): additive over heads, and over a layer complete (``F(A) - F(0)``, up to quadrature).
+
+    Args:
+        attr: ``[B, heads, T, T]`` attributions of one layer.
+        attention_mask: ``[B, T]`` (1 = token, 0 = padding).
+
+    Returns:
+        ``[B, heads]`` float32, in the attributed output's unit.
+    """
+    valid = attention_mask.bool()
+    pair = (valid[:, :, None] & valid[:, None, :])[:, None]
+    return attr.float().masked_fill(~pair, 0.0).flatten(2).sum(-1)

@@ -63,9 +63,11 @@ from ..models import (
 )
 from ..precision import autocast, resolve_precision
 from .attattr import (
+    Objective,
     Quadrature,
     Target,
     _check_layers,
+    _check_objective,
     _groups,
     _pad_id,
     _prepare_fast,
@@ -80,6 +82,7 @@ __all__ = [
     "iter_neuron_attributions",
     "neuron_attribution",
     "neuron_scores",
+    "neuron_sums",
 ]
 
 
@@ -111,6 +114,24 @@ def neuron_scores(attr: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     """
     valid = attention_mask.bool()[:, :, None]
     return attr.float().masked_fill(~valid, float("-inf")).max(1).values
+
+
+def neuron_sums(attr: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-example neuron total: the sum of the attribution over the example's valid tokens.
+
+    Scaling neuron ``i``'s activations by alpha at every token is a gate on that neuron, so this sum is
+    the integrated gradient of the gate along the path where the whole layer's activations are scaled
+    together (Dai et al. 2022, Eq. 3): additive over neurons, complete over a layer (``F(a) - F(0)``).
+
+    Args:
+        attr: ``[B, T, neurons]`` attributions of one layer.
+        attention_mask: ``[B, T]`` (1 = token, 0 = padding).
+
+    Returns:
+        ``[B, neurons]`` float32, in the attributed output's unit.
+    """
+    valid = attention_mask.bool()[:, :, None]
+    return attr.float().masked_fill(~valid, 0.0).sum(1)
 
 
 @contextlib.contextmanager
@@ -216,7 +237,7 @@ class _ScaledNeurons:
         return self.acts * torch.matmul(grad_y, self.w2)
 
 
-def _fast_layer(model, group, layer: int, alphas, weights, max_tokens: int, precision: str) -> torch.Tensor:
+def _fast_layer(model, group, layer: int, alphas, weights, max_tokens: int, precision: str, objective: Objective = "prob") -> torch.Tensor:
     """Attribution float32 ``[r, W, kept]`` of ``layer`` for one prepared group (see the module docstring)."""
     last = len(encoder_layers(model)) - 1
     hidden_in = group.inputs.pop(layer)
@@ -236,7 +257,7 @@ def _fast_layer(model, group, layer: int, alphas, weights, max_tokens: int, prec
                 logits = classify(model, out)
             else:
                 logits = logits_from_layer(model, out, repeat_batch(group.mask, k), layer + 1)
-            prob = _target_prob(logits, group.target.repeat(k))
+            prob = _target_prob(logits, group.target.repeat(k), objective)
         (grad,) = torch.autograd.grad(prob.sum(), delta)
         grad_y += grad.float()
     attr = torch.zeros(r, width, acts.shape[-1], device=device)
@@ -244,7 +265,7 @@ def _fast_layer(model, group, layer: int, alphas, weights, max_tokens: int, prec
     return attr * group.sub["attention_mask"][:, :, None].to(attr.dtype)
 
 
-def _fast(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision):
+def _fast(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision, objective="prob"):
     alphas, weights = quadrature_nodes(steps, quadrature)
     kept = kept_neurons(model)
     layers = [layer for layer in layers if kept[layer]]  # a layer without neurons has nothing to attribute
@@ -253,11 +274,11 @@ def _fast(model, batch, rows, steps, target, layers, quadrature, max_tokens, pre
     for group in _groups(model, batch, rows, max_tokens, None):
         _prepare_fast(model, group, layers, target, precision, probabilities=False)
         for layer in layers:
-            attr = _fast_layer(model, group, layer, alphas, weights, max_tokens, precision)
+            attr = _fast_layer(model, group, layer, alphas, weights, max_tokens, precision, objective)
             yield layer, GroupNeuronAttribution(group.index, attr, group.sub["attention_mask"])
 
 
-def _reference(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision):
+def _reference(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision, objective="prob"):
     """One example, one layer, one alpha at a time: whole-model forwards with the layer's activations replaced."""
     alphas, weights = quadrature_nodes(steps, quadrature)
     pad = _pad_id(model)
@@ -277,7 +298,7 @@ def _reference(model, batch, rows, steps, target, layers, quadrature, max_tokens
             for a, w in zip(alphas.tolist(), weights.tolist()):
                 scaled = (a * acts32).requires_grad_(True)
                 with torch.enable_grad(), autocast(device, precision):
-                    prob = _target_prob(forward_logits(model, one, AttentionControl(neuron_replace={layer: scaled})), tgt)
+                    prob = _target_prob(forward_logits(model, one, AttentionControl(neuron_replace={layer: scaled})), tgt, objective)
                 (grad,) = torch.autograd.grad(prob.sum(), scaled)
                 grad_sum += w * grad.float()
             yield layer, GroupNeuronAttribution([b], acts32 * grad_sum, one["attention_mask"])
@@ -294,6 +315,7 @@ def iter_neuron_attributions(
     quadrature: Quadrature = "left",
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
+    objective: Objective = "prob",
 ) -> Iterator[tuple[int, GroupNeuronAttribution]]:
     """Yield ``(layer, GroupNeuronAttribution)`` for every (layer, group of rows), in no fixed order.
 
@@ -303,6 +325,7 @@ def iter_neuron_attributions(
     :func:`neuron_attribution`.
     """
     layers = _check_layers(model, layers)
+    _check_objective(objective)
     if mode not in ("fast", "reference"):
         raise ValueError(f"unknown mode '{mode}'; use fast or reference")
     if target not in ("predicted", "gold"):
@@ -319,7 +342,7 @@ def iter_neuron_attributions(
     try:
         with frozen(model):
             run = _fast if mode == "fast" else _reference
-            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision)
+            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision, objective)
     finally:
         model.train(was_training)
 
@@ -335,6 +358,7 @@ def neuron_attribution(
     quadrature: Quadrature = "left",
     max_tokens_per_forward: int | None = None,
     mixed_precision: str | None = None,
+    objective: Objective = "prob",
 ) -> torch.Tensor:
     """Knowledge attribution (Dai et al. 2022, Eq. 3-4) of every feed-forward neuron at every token.
 
@@ -354,14 +378,15 @@ def neuron_attribution(
         max_tokens_per_forward: at most this many tokens (rows x width, alpha copies included) in one
             forward; default 16384.
         mixed_precision: ``"no"`` (default), ``"bf16"`` or ``"fp16"``; attributions stay float32.
+        objective: ``"prob"`` (target-class probability, Dai et al.) or ``"log_prob"`` (its log).
 
     Returns:
         float32 ``[B, len(layers), T, intermediate_size]`` (token, original neuron index) in the
         caller's rows and columns; unit: target-class probability. Pruned neurons and padding are 0.
 
     Raises:
-        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature``, layer index, token bound,
-            precision, an empty row, padding between tokens, or a row longer than the token bound.
+        ValueError: bad ``steps``, ``target``, ``mode``, ``quadrature``, ``objective``, layer index, token
+            bound, precision, an empty row, padding between tokens, or a row longer than the token bound.
         ModelError: ``mode="fast"`` for a family without a feed-forward split.
     """
     layers = _check_layers(model, layers)
@@ -372,7 +397,7 @@ def neuron_attribution(
     position = {layer: i for i, layer in enumerate(layers)}
     for layer, g in iter_neuron_attributions(
         model, batch, steps=steps, target=target, layers=layers, mode=mode, quadrature=quadrature,
-        max_tokens_per_forward=max_tokens_per_forward, mixed_precision=mixed_precision,
+        max_tokens_per_forward=max_tokens_per_forward, mixed_precision=mixed_precision, objective=objective,
     ):
         cols = torch.tensor(kept[layer], device=out.device)
         for i, b in enumerate(g.index):

@@ -32,13 +32,23 @@ __all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
 _ADDITIVE = ("fisher",)
 
 
-def balance_for(method: str, setting: str = "auto") -> str:
+#: AttAttr aggregations (``importance.attattr.aggregate``) that are additive over units: a head's and a
+#: neuron's score are integrated gradients of a gate on the unit, in the objective's unit for both.
+_ADDITIVE_AGGREGATES = ("sum", "abs_sum", "sq_sum")
+
+
+def balance_for(method: str, setting: str = "auto", aggregate: str = "max") -> str:
     """How :func:`prune_attattr.prune.search.search_units` puts ``method``'s head and neuron scores on one scale
     (``pruning.balance``; ``auto``: ``"none"`` for Fisher, whose two kinds estimate the same loss change,
-    ``"cost"`` for the others: AttAttr (a head's score is a max over ``T x T`` entries, a neuron's over
-    ``T``), Taylor (heads normalised per layer) and random (no unit); see :mod:`prune_attattr.prune.search`)."""
+    and for AttAttr with an additive ``aggregate`` (``sum``, ``abs_sum``, ``sq_sum``: a head's and a
+    neuron's score are both integrated gradients of a gate on the unit, summed over examples, so they
+    share one unit); ``"cost"`` for the others: AttAttr with ``max`` (the paper: a head's score is a max
+    over ``T x T`` entries, a neuron's over ``T``), Taylor (heads normalised per layer) and random (no
+    unit); see :mod:`prune_attattr.prune.search`). ``aggregate`` is read for AttAttr only."""
     if setting != "auto":
         return setting
+    if method == "attattr":
+        return "none" if aggregate in _ADDITIVE_AGGREGATES else "cost"
     return "none" if method in _ADDITIVE else "cost"
 
 

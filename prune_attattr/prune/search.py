@@ -35,7 +35,12 @@ What :func:`search_units` does, and why:
   fine-tuned MiniLM at 50% / 35% FLOPs, Fisher masks score 85.21% / 81.31% SST-2 dev with ``"none"``
   against 84.06% / 79.47% with ``"cost"``, ``benchmarks/least_squares.py``). Use ``"none"`` for Fisher
   and Taylor, ``"cost"`` for random scores (raw uniform scores would prune every head first) and for
-  AttAttr until the two are measured on its neuron scores.
+  AttAttr's paper aggregation (``max``). AttAttr's additive aggregations (``importance.attattr.aggregate``
+  ``sum``, ``abs_sum``, ``sq_sum``: per example, the sum of a unit's attribution, i.e. integrated
+  gradients of a gate on that head's or neuron's output, complete over a layer) put heads and neurons
+  in one unit, the objective's, like Fisher: ``balance: auto`` uses ``"none"`` for them
+  (:func:`prune_attattr.prune.curve.balance_for`). A signed ``sum`` may be negative: such a unit is
+  ranked below every unit with a positive score (removing it is estimated to help).
   Within one kind the order is the same either way; ``units="heads"`` or ``"neurons"`` is unaffected.
 
 Units already pruned (absent from ``kept_heads``/``kept_neurons``) are neither candidates nor counted in

@@ -40,7 +40,8 @@ def compute_importance(method: str, model, loader, ctx: RunContext) -> torch.Ten
     if method == "attattr":
         a = r.importance.attattr
         return imp.attattr_importance(
-            model, loader, ctx.accelerator, steps=a.steps, target=a.target, mode=a.mode, quadrature=a.quadrature, chunk_size=a.chunk_size, **bound
+            model, loader, ctx.accelerator, steps=a.steps, target=a.target, mode=a.mode, quadrature=a.quadrature, chunk_size=a.chunk_size,
+            aggregate=a.aggregate, objective=a.objective, **bound,
         )
     if method == "taylor":
         return imp.taylor_importance(model, loader, ctx.accelerator, **bound)
@@ -63,7 +64,7 @@ def compute_neuron_importance(method: str, model, loader, ctx: RunContext) -> to
     a = r.importance.attattr
     _, neurons = imp.unit_importance(
         method, model, loader, ctx.accelerator, units="neurons", steps=a.steps, target=a.target, mode=a.mode,
-        quadrature=a.quadrature, metrics=ctx.metrics, seed=r.seed, max_tokens_per_forward=r.importance.max_tokens_per_forward,
+        quadrature=a.quadrature, aggregate=a.aggregate, objective=a.objective, metrics=ctx.metrics, seed=r.seed, max_tokens_per_forward=r.importance.max_tokens_per_forward,
     )
     return neurons
 
@@ -73,6 +74,13 @@ def _importance_key(prep: Prepared, method: str, model, unit: str = "heads") -> 
     # every importance setting but the method list (adding a method keeps the others' entries); the
     # examples enter through their tokens
     settings = r.importance.model_dump(exclude={"methods"} if method == "attattr" else {"methods", "attattr"})
+    if method == "attattr":
+        # AttAttr's aggregate and objective enter the key, except at the paper's values (max, prob), so that
+        # scores cached before these settings existed stay valid
+        a = settings["attattr"]
+        for name, paper in (("aggregate", "max"), ("objective", "prob")):
+            if a.get(name) == paper:
+                del a[name]
     settings.update(metrics=prep.ctx.metrics, seed=r.seed)
     kind = "importance" if unit == "heads" else "neuron importance"
     return digest(kind, STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, pruned_key(model))
