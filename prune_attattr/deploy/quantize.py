@@ -328,47 +328,39 @@ def _fused_float(raw: Path, work: Path, batches: list, enabled: bool) -> tuple[P
 def _fused_int8(
     raw: Path, work: Path, batches: list, enabled: bool, reduce_range: bool, weight_type: str, per_channel: bool = True
 ) -> tuple[Path, dict]:
+    """Dynamic int8 of ``raw`` (:func:`quantize_int8`), fused when fusing keeps it as close to float32 (:func:`_keep_fused`)."""
     plain = quantize_int8(raw, work / "int8.onnx", reduce_range=reduce_range, weight_type=weight_type, per_channel=per_channel)
-    plain_err = max_logit_diff(raw, plain, batches)
-    info: dict = {"fused": False, "ops": {}, "note": None, "max_abs_diff_vs_float32": plain_err}
-    if not enabled:
-        info["note"] = "fusion off"
-        return plain, info
-    ok, ops, note = _try_fuse(plain, work / "int8_fused.onnx")
-    if not ok:
-        info["note"] = note
-        return plain, info
-    err = max_logit_diff(raw, work / "int8_fused.onnx", batches)
-    if err > INT8_FUSION_SLACK * plain_err + FUSION_TOLERANCE:
-        info["note"] = f"fused int8 graph is further from float32 ({err:.2e}) than the unfused one ({plain_err:.2e}); kept unfused"
-        return plain, info
-    info.update(fused=True, ops=ops, max_abs_diff_vs_float32=err)
-    return work / "int8_fused.onnx", info
+    return _keep_fused(raw, plain, work / "int8_fused.onnx", batches, enabled, "int8")
 
 
 def _fused_static(
     raw: Path, work: Path, batches: list, enabled: bool, calibration: list, reduce_range: bool, weight_type: str, per_channel: bool, quant_format: str
 ) -> tuple[Path, dict]:
-    """Static int8 of ``raw`` (:func:`quantize_int8_static`), fused when the fused graph is no further from
-    float32 than the unfused one (as :func:`_fused_int8`)."""
+    """Static int8 of ``raw`` (:func:`quantize_int8_static`), fused when fusing keeps it as close to float32 (:func:`_keep_fused`)."""
     plain = quantize_int8_static(
         raw, work / "int8_static.onnx", calibration, reduce_range=reduce_range, weight_type=weight_type, per_channel=per_channel, quant_format=quant_format
     )
+    return _keep_fused(raw, plain, work / "int8_static_fused.onnx", batches, enabled, "static int8")
+
+
+def _keep_fused(raw: Path, plain: Path, fused: Path, batches: list, enabled: bool, label: str) -> tuple[Path, dict]:
+    """``fused`` (the onnxscript fusions of the quantized graph ``plain``) when it is no further from the float32
+    graph ``raw`` than ``plain`` is (within :data:`INT8_FUSION_SLACK`), else ``plain``; with the reason."""
     plain_err = max_logit_diff(raw, plain, batches)
     info: dict = {"fused": False, "ops": {}, "note": None, "max_abs_diff_vs_float32": plain_err}
     if not enabled:
         info["note"] = "fusion off"
         return plain, info
-    ok, ops, note = _try_fuse(plain, work / "int8_static_fused.onnx")
+    ok, ops, note = _try_fuse(plain, fused)
     if not ok:
         info["note"] = note
         return plain, info
-    err = max_logit_diff(raw, work / "int8_static_fused.onnx", batches)
+    err = max_logit_diff(raw, fused, batches)
     if err > INT8_FUSION_SLACK * plain_err + FUSION_TOLERANCE:
-        info["note"] = f"fused static int8 graph is further from float32 ({err:.2e}) than the unfused one ({plain_err:.2e}); kept unfused"
+        info["note"] = f"fused {label} graph is further from float32 ({err:.2e}) than the unfused one ({plain_err:.2e}); kept unfused"
         return plain, info
     info.update(fused=True, ops=ops, max_abs_diff_vs_float32=err)
-    return work / "int8_static_fused.onnx", info
+    return fused, info
 
 
 def _mb(path: Path) -> float:
