@@ -200,3 +200,26 @@ def test_pipeline_ships_the_pruned_vocabulary(tmp_path):
     shipped = exp["shipped"]["onnx"]
     assert abs(shipped["value"] - exp["metrics"]["accuracy"]) <= 1 / 40 + 1e-9
     assert "vocabulary:" in (out / "report.md").read_text()
+
+
+def test_max_drop_refuses_a_vocabulary_below_the_floor():
+    """export.max_drop judges what ships: a pruned vocabulary that takes the metric below the floor is
+    refused (the full one ships); under export.flops/heads, or within the floor, it ships."""
+    from types import SimpleNamespace as NS
+
+    from prune_attattr.stages.export import _vocabulary_refusal
+
+    def prep(**export):
+        e = NS(**{"heads": None, "flops": None, "max_drop": 0.01, **export})
+        return NS(ctx=NS(recipe=NS(export=e), metrics=["accuracy"]))
+
+    info = {"kept": 13486, "total": 30522, "dev_texts_with_dropped_tokens": 309, "dev_texts": 872}
+    below = NS(metrics={"accuracy": 0.8761}, info=info)
+    within = NS(metrics={"accuracy": 0.8766}, info=info)
+    baseline = {"accuracy": 0.8865}
+    said = _vocabulary_refusal(prep(), below, baseline)
+    assert said is not None and "87.61%" in said and "87.65%" in said and "full vocabulary ships" in said
+    assert _vocabulary_refusal(prep(), within, baseline) is None
+    assert _vocabulary_refusal(prep(flops=0.3), below, baseline) is None
+    assert _vocabulary_refusal(prep(heads=6), below, baseline) is None
+    assert _vocabulary_refusal(prep(), None, baseline) is None

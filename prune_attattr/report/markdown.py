@@ -74,6 +74,8 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
             lines.append(f"- FLOPs per token: {100 * exp['flops_fraction']:.1f}% of the unpruned model's (dev mean length)")
         lines.append(f"- {metric}: {_pct(exp['metrics'][metric])}% (unpruned {_pct(report['baseline'][metric])}%)")
         lines.append(f"- parameters {exp['parameters']:,} (unpruned {report['baseline_parameters']:,}); checkpoint {exp['checkpoint_mb']:.1f} MB")
+        if exp.get("vocabulary_refused"):
+            lines.append(f"- vocabulary: {exp['vocabulary_refused']}")
         v = exp.get("vocabulary")
         if v:
             full = (exp.get("metrics_full_vocabulary") or {}).get(metric)

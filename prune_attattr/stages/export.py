@@ -370,6 +370,32 @@ def export_stage(
     with ctx.stage("export"):
         choice = choice if choice is not None else choose_export(prep, scores, curves, baseline, neuron_scores)
         vocab = vocabulary_export(prep, choice.model) if ctx.recipe.export.vocabulary == "train" else None  # every process: it evaluates
+        refused = _vocabulary_refusal(prep, vocab, baseline)
+        if refused is not None:
+            ctx.print(f"   vocabulary: {refused}")
+            vocab = None
         if ctx.accelerator.is_main_process:
-            return save_export(prep, choice, tmp, baseline, vocab)
+            info = save_export(prep, choice, tmp, baseline, vocab)
+            if refused is not None:
+                info["vocabulary_refused"] = refused
+            return info
         return choice.info(num_heads_total(prep.model))
+
+
+def _vocabulary_refusal(prep: Prepared, vocab: VocabularyExport | None, baseline: dict) -> str | None:
+    """Why the pruned vocabulary does not ship, or None: when ``export.max_drop`` chose the model (no
+    ``export.flops``/``export.heads``), the budget judges what ships, so a vocabulary that takes the metric
+    below the floor is dropped and the full vocabulary ships (the report says so)."""
+    e = prep.ctx.recipe.export
+    if vocab is None or e.heads is not None or e.flops is not None or e.max_drop is None:
+        return None
+    metric = prep.ctx.metrics[0]
+    floor = baseline[metric] - e.max_drop
+    if vocab.metrics[metric] >= floor - 1e-12:
+        return None
+    return (
+        f"the training split's vocabulary ({vocab.info['kept']:,} of {vocab.info['total']:,} tokens) takes {metric} to "
+        f"{100 * vocab.metrics[metric]:.2f}%, below the export.max_drop floor {100 * floor:.2f}% "
+        f"({vocab.info['dev_texts_with_dropped_tokens']} of {vocab.info['dev_texts']} dev texts hold a dropped token); "
+        "the full vocabulary ships"
+    )
