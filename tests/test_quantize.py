@@ -287,6 +287,8 @@ def test_deployed_metric_equals_an_independent_onnx_runtime_evaluation(tiny_run)
 
 
 def test_deploy_run_ships_the_fastest_graph_that_holds(tiny_run):
+    from prune_attattr.deploy.quantize import SPEED_TIE
+
     run, deployment, _ = tiny_run
     rows = deployment["bench"]["rows"]
     assert [r["label"] for r in rows] == [f"{w} {k}" for w in ("unpruned", "pruned") for k in LABELS]
@@ -300,9 +302,9 @@ def test_deploy_run_ships_the_fastest_graph_that_holds(tiny_run):
         shipped = info["precision"]
         held = [k for k, c in table.items() if c["holds"]]
         assert all(table[k]["ms_batch1"] == r["ms"]["1"] for k, r in zip(("float32", "int8", "int8_static"), mine))
-        if held:  # the shipped graph holds and no holding graph is faster at batch 1
+        if held:  # the shipped graph holds and no holding graph is faster at batch 1 by more than SPEED_TIE
             assert shipped in held and table[shipped]["batch_differ"] == 0
-            assert all(table[shipped]["ms_batch1"] <= table[k]["ms_batch1"] for k in held)
+            assert all(table[shipped]["ms_batch1"] <= (1 + SPEED_TIE) * table[k]["ms_batch1"] for k in held)
         else:
             assert shipped == "float32"
         assert info["files"][shipped] == "model.onnx" and shipped in info["choice"]["reason"]
@@ -517,6 +519,9 @@ def test_choose_graph_ships_the_fastest_that_holds():
     # int8 slower than float32 (a tiny model): float32 ships although int8 holds
     kind, reason, _ = choose_graph(["float32", "int8"], values=values, floor=0.89, batch_differ=dict.fromkeys(kinds, 0), ms={"float32": 1.0, "int8": 1.2})
     assert kind == "float32" and "fastest" in reason
+    # within 10% of the fastest (timing noise): the quantized, smaller graph ships (main job: 1.74 vs 1.80 ms)
+    kind, reason, _ = choose_graph(kinds, values=values, floor=0.89, batch_differ={"float32": 0, "int8": 2, "int8_static": 0}, ms={"float32": 1.74, "int8": 1.76, "int8_static": 1.80})
+    assert kind == "int8_static" and "within 10%" in reason
     # below the budget
     kind, reason, _ = choose_graph(kinds, values={**values, "int8_static": 0.88}, floor=0.89, batch_differ={"float32": 0, "int8": 1, "int8_static": 0}, ms=ms)
     assert kind == "float32" and "int8_static: below the budget (88.00% < 89.00%)" in reason
