@@ -183,9 +183,10 @@ def render(paths: list[str]) -> str:
     out.append("| variant | " + " | ".join(res["task"] for res in results) + " | tasks passed |")
     out.append("|---|" + "---|" * len(results) + "--:|")
     for v in variants:
-        verdicts = [qualifies(res, v) for res in results]
-        cells = ["passes" if ok else "fails at " + ", ".join(f) for ok, f in verdicts]
-        out.append(f"| {v} | " + " | ".join(cells) + f" | {sum(ok for ok, _ in verdicts)} |")
+        measured = [any(r["criterion"] == v and "metric" in r for r in res["rows"]) for res in results]
+        verdicts = [qualifies(res, v) if m else None for res, m in zip(results, measured)]
+        cells = ["not measured" if x is None else "passes" if x[0] else "fails at " + ", ".join(x[1]) for x in verdicts]
+        out.append(f"| {v} | " + " | ".join(cells) + f" | {sum(bool(x and x[0]) for x in verdicts)} |")
     return "\n".join(out) + "\n"
 
 
