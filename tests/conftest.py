@@ -8,6 +8,22 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+#: Head of a script run in a subprocess that must not see prune_attattr (stock transformers only): any
+#: import of the package fails there, and the script stops if it could still be imported.
+BLOCK_PRUNE_ATTATTR = r"""
+import importlib.abc, sys
+class _Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "prune_attattr" or name.startswith("prune_attattr."):
+            raise ImportError("prune_attattr is blocked in this test")
+sys.meta_path.insert(0, _Block())
+try:
+    import prune_attattr  # noqa: F401
+    raise SystemExit("prune_attattr could be imported")
+except ImportError:
+    pass
+"""
+
 FAMILY_KINDS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert", "deberta-v2")
 NO_SEGMENTS = ("roberta", "xlm-roberta", "camembert", "distilbert", "modernbert", "deberta-v2")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BLOCK_PRUNE_ATTATTR
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -21,18 +22,7 @@ importance: {methods: [attattr, random], examples: 12, batch_size: 4, attattr: {
 export: {method: attattr, heads: 1, onnx: true, quantize: int8}
 """
 
-_BLOCK = r"""
-import importlib.abc, sys
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "prune_attattr" or name.startswith("prune_attattr."):
-            raise ImportError("prune_attattr is blocked in this test")
-sys.meta_path.insert(0, _Block())
-try:
-    import prune_attattr  # noqa: F401
-    raise SystemExit("prune_attattr could be imported")
-except ImportError:
-    pass
+_BLOCK = BLOCK_PRUNE_ATTATTR + r"""
 """
 
 _PIPELINE = _BLOCK + r"""

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_config, tiny_model
+from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_config, tiny_model
 
 from prune_attattr import AttentionControl, attention_attribution, load_classifier, load_pruned, prune_heads, save_pruned
 from prune_attattr import importance as imp
@@ -189,18 +189,8 @@ def test_save_reload_and_onnx(kind, tmp_path):
     assert check_onnx(model, onnx, batches) <= 1e-4
 
 
-_STOCK_LOADER = r"""
-import importlib.abc, json, sys, torch
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "prune_attattr" or name.startswith("prune_attattr."):
-            raise ImportError("prune_attattr is blocked in this test")
-sys.meta_path.insert(0, _Block())
-try:
-    import prune_attattr  # noqa: F401
-    raise SystemExit("prune_attattr could be imported")
-except ImportError:
-    pass
+_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
+import json, sys, torch
 from transformers import AutoModelForSequenceClassification
 out = {}
 for folder in sys.argv[1:]:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILY_KINDS, tiny_batch, tiny_model
+from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, tiny_batch, tiny_model
 
 from prune_attattr import AttentionControl, load_classifier, load_pruned, save_pruned
 from prune_attattr.prune.cost import flops_per_token, unit_flops
@@ -113,18 +113,8 @@ def test_layer_without_neurons_trains_and_bad_indices_refused():
         prune_neurons(model, {0: [intermediate_size(model)]})
 
 
-_STOCK_LOADER = r"""
-import importlib.abc, json, sys, torch
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "prune_attattr" or name.startswith("prune_attattr."):
-            raise ImportError("prune_attattr is blocked in this test")
-sys.meta_path.insert(0, _Block())
-try:
-    import prune_attattr  # noqa: F401
-    raise SystemExit("prune_attattr could be imported")
-except ImportError:
-    pass
+_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
+import json, sys, torch
 from transformers import AutoModelForSequenceClassification
 out = {}
 for folder in sys.argv[1:]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAMILY_KINDS, tiny_config
+from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, tiny_config
 from prune_attattr.prune.vocabulary import VocabularyError, fallback_count, plan_vocabulary, prune_vocabulary
 from prune_attattr.tasks import glue_path
 
@@ -117,13 +117,8 @@ def test_kept_text_gives_the_same_logits(kind):
     assert all(new_tok.unk_token_id not in ids or tok.unk_token_id in old for ids, old in zip(new_tok(train)["input_ids"], tok(train)["input_ids"]))
 
 
-_STOCK = r"""
-import importlib.abc, json, sys, torch
-class _Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "prune_attattr" or name.startswith("prune_attattr."):
-            raise ImportError("prune_attattr is blocked in this test")
-sys.meta_path.insert(0, _Block())
+_STOCK = BLOCK_PRUNE_ATTATTR + r"""
+import json, sys, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 folder, texts = sys.argv[1], json.loads(sys.argv[2])
 tok = AutoTokenizer.from_pretrained(folder)
