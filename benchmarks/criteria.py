@@ -17,6 +17,11 @@ b. **Before recovery.** Dev metric after structural pruning to each ``--budgets`
    ``sqrt(p (1 - p) / n)`` over the ``n`` dev examples.
 c. ``--distill M ...``: those criteria's models at ``--distill-budgets`` after distillation (the recipe's
    recovery settings, ``--train-examples`` examples; ``set_seed(recipe.seed)`` before each).
+d. ``--iterative M ...``: ``pruning.schedule: iterative`` for those criteria
+   (:func:`prune_attattr.stages.curves.iterative_curve`, heads and neurons): prune to each
+   ``--iterative-steps`` budget from the previous step's model after a brief recovery
+   (``recovery.iterative_examples``) and re-scoring; each step's metric before its own recovery, and the
+   models at ``--distill-budgets`` distilled as in (c), beside the one-shot figures of (b) and (c).
 
 AttAttr's aggregates come from one attribution pass per objective (:func:`prune_attattr.importance.attattr_variants`);
 scores and leave-one-out are kept in the stage cache. Every part's wall time is recorded.
@@ -26,6 +31,7 @@ Run (2-core CPU shared; fine-tune cached; SST-2 about 10-15 min without --distil
 Options: [--variants max/prob sum/prob sum/log_prob abs_sum/log_prob sq_sum/log_prob] [--baselines taylor fisher]
     [--neurons-per-layer 32] [--budgets 0.70 0.50 0.35 0.30 0.20] [--heads 50 29 8]
     [--distill CRITERION ...] [--distill-budgets 0.35 0.20] [--train-examples 6000] [--set key=value ...]
+    [--iterative CRITERION ...] [--iterative-steps 1.0 0.7 0.5 0.35 0.2]
 Tables for docs/criteria.md from the JSON files:
     python benchmarks/criteria.py --render criteria_sst2.json criteria_mrpc.json criteria_mnli.json
 """
@@ -73,6 +79,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--distill-budgets", type=float, nargs="+", default=[0.35, 0.20])
     ap.add_argument("--train-examples", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--iterative", nargs="*", default=[], help="criteria (e.g. attattr:sq_sum/log_prob taylor) to prune iteratively (d)")
+    ap.add_argument("--iterative-steps", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.35, 0.2],
+                    help="FLOPs budgets of the iterative schedule; a brief recovery and re-scoring after each")
     ap.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
     ap.add_argument("--json", default=None)
     return ap.parse_args()
@@ -177,6 +186,21 @@ def render(paths: list[str]) -> str:
             for r in res["distilled"]:
                 out.append(f"| {r['criterion']} | {r['budget']:.0%} | {100 * r['metric']:.1f} ± {100 * r['se']:.1f} | {r['seconds']:.0f} |")
             out.append("")
+        if res.get("iterative"):
+            one_shot = {(r["criterion"], r["budget"]): r for r in res["rows"] if r["units"] == "both" and "metric" in r}
+            distilled = {(r["criterion"], r["budget"]): r for r in res.get("distilled", [])}
+            out.append("Iterative schedule (d) against one-shot: before the step's own recovery (the iterative model has had a brief "
+                       "recovery after each earlier step), and after the distillation of (c):\n")
+            out.append("| criterion | FLOPs budget | one-shot, before | iterative, before | one-shot, distilled | iterative, distilled |")
+            out.append("|---|--:|--:|--:|--:|--:|")
+            for r in res["iterative"]:
+                if r["budget"] >= 1.0:
+                    continue
+                o, d = one_shot.get((r["criterion"], r["budget"])), distilled.get((r["criterion"], r["budget"]))
+                it_d = f"{100 * r['distilled']:.1f} ± {100 * r['distilled_se']:.1f}" if "distilled" in r else "-"
+                od = _cell(d) if d else "-"
+                out.append(f"| {r['criterion']} | {r['budget']:.0%} | {_cell(o)} | {_cell(r)} | {od} | {it_d} |")
+            out.append("")
         out.append("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["times_s"].items()) + "\n")
     variants = list(dict.fromkeys(r["criterion"] for res in results for r in res["rows"] if r["criterion"].startswith("attattr")))
     out.append("### The rule: at least the best of Taylor and Fisher minus one SE at every budget, on at least two tasks\n")
@@ -188,6 +212,55 @@ def render(paths: list[str]) -> str:
         cells = ["not measured" if x is None else "passes" if x[0] else "fails at " + ", ".join(x[1]) for x in verdicts]
         out.append(f"| {v} | " + " | ".join(cells) + f" | {sum(bool(x and x[0]) for x in verdicts)} |")
     return "\n".join(out) + "\n"
+
+
+def iterative(args, prep, scores: dict, times: dict, save) -> list[dict]:
+    """Part (d): each ``--iterative`` criterion's iterative curve over ``--iterative-steps`` (the pipeline's
+    :func:`~prune_attattr.stages.curves.iterative_curve`, the criterion's AttAttr settings in the recipe),
+    then its models at ``--distill-budgets`` distilled as in (c). Rows: ``{criterion, budget,
+    flops_fraction, heads_kept, neurons_kept, metric, se}`` before the step's own recovery and
+    ``distilled``/``distilled_se`` where distilled."""
+    from prune_attattr.prune.neurons import prune_units
+    from prune_attattr.recover.distill import recover
+    from prune_attattr.stages.curves import iterative_curve
+    from prune_attattr.stages.recovery import RecoveryState
+
+    ctx, recipe = prep.ctx, prep.ctx.recipe
+    metric, n_dev = ctx.metrics[0], len(prep.dev_enc)
+    rows: list[dict] = []
+    for name in args.iterative:
+        method = name.split(":")[0]
+        t0 = time.time()
+        update = {"pruning": recipe.pruning.model_copy(update={"flops_steps": args.iterative_steps, "schedule": "iterative"})}
+        if method == "attattr":
+            aggregate, objective = name.split(":")[1].split("/")
+            update["importance"] = recipe.importance.model_copy(
+                update={"attattr": recipe.importance.attattr.model_copy(update={"aggregate": aggregate, "objective": objective})})
+        ctx.recipe = recipe.model_copy(update=update)
+        try:
+            state = RecoveryState()
+            h, n = scores[name]
+            curve = iterative_curve(prep, h, method, state, neuron_scores=n, units="both", seq_len=mean_length(prep.dev_enc))
+        finally:
+            ctx.recipe = recipe
+        times[f"iterative {name}"] = time.time() - t0
+        for i, step in enumerate(curve):
+            p = step.metrics[metric]
+            row = {"criterion": name, "budget": step.budget, "flops_fraction": step.flops_fraction, "heads_kept": step.heads_kept,
+                   "neurons_kept": step.neurons_kept, "metric": p, "se": se(p, n_dev)}
+            if any(abs(step.budget - b) < 1e-9 for b in args.distill_budgets):
+                t1 = time.time()
+                base = state.snapshots.get(i - 1, prep.model)
+                student = prune_units(copy.deepcopy(base), heads={int(k): v for k, v in step.pruned_heads.items()},
+                                      neurons={int(k): v for k, v in step.pruned_neurons.items()})
+                set_seed(recipe.seed)
+                recover(student, None, state.loader, ctx.accelerator, recipe.recovery, cached_teacher=state.table)
+                d = evaluate_model(student, prep.dev_loader, ctx.accelerator, ctx.metrics)[metric]
+                row.update(distilled=d, distilled_se=se(d, n_dev), distill_seconds=time.time() - t1)
+                ctx.print(f"   iterative {name} {step.budget:.2f}: {100 * p:.2f} before, {100 * d:.2f} distilled ({time.time() - t1:.0f} s)")
+            rows.append(row)
+        save()
+    return rows
 
 
 def main() -> None:
@@ -344,6 +417,11 @@ def main() -> None:
                 ctx.print(f"   distilled {name} {budget:.2f}: {100 * p:.2f} ({time.time() - t1:.0f} s)")
         result["distilled"] = distilled
         result["distill_settings"] = {"train_examples": len(state.train), "epochs": recipe.recovery.epochs}
+        save()
+
+    # d. iterative schedule
+    if args.iterative:
+        result["iterative"] = iterative(args, prep, scores, times, save)
     times["total"] = time.time() - t_start
     print(f"\nunpruned {metric} {100 * baseline:.2f}% (dev {n_dev}); times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     save()

@@ -220,8 +220,8 @@ class PruningSettings(_Strict):
     eval_batch_size: int = Field(64, ge=1)
     schedule: Literal["one_shot", "iterative"] = Field(
         "one_shot",
-        description="iterative: for export.method, prune a step, recover briefly (recovery.iterative_examples), "
-        "re-score with the same method, prune again",
+        description="iterative: for export.method, prune a step (units heads: pruning.step_fraction of the heads; neurons or both: "
+        "the next pruning.flops_steps budget), recover briefly (recovery.iterative_examples), re-score with the same method, prune again",
     )
 
     @field_validator("flops_steps")
@@ -572,8 +572,6 @@ class Recipe(_Strict):
                 raise ValueError("pruning.schedule 'iterative' already re-scores after every step; set pruning.rescore false")
             if rec.mode != "distill":
                 raise ValueError("pruning.schedule 'iterative' recovers by training: set recovery.mode distill")
-            if p.units != "heads":
-                raise ValueError("pruning.schedule 'iterative' prunes heads step by step: set pruning.units heads")
 
 
 def _format_error(exc: ValidationError, source: str) -> str:

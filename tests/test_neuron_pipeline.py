@@ -109,7 +109,7 @@ def test_distillation_recovers_the_flops_budget_model(tmp_path, tiny_dir, capsys
         (["pruning.units=both", "export.method=attention", "importance.methods=[attention]"], "scores heads only"),
         (["export.flops=0.5", "export.heads=10"], "set one of them"),
         (["pruning.flops_steps=[1.5]"], "in (0, 1]"),
-        (["pruning.units=both", "pruning.schedule=iterative", "recovery.enabled=true"], "pruning.units heads"),
+        (["pruning.units=both", "pruning.schedule=iterative", "recovery.enabled=true", "recovery.mode=least_squares"], "recovery.mode distill"),
     ],
 )
 def test_neuron_recipe_errors_name_the_key(overrides, message):

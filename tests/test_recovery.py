@@ -445,3 +445,55 @@ def test_iterative_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
     one_shot = pruning_curve(prep.model, scores, lambda m: evaluate_model(m, prep.dev_loader, acc, ["accuracy"]), step_fraction=0.25)
     assert one_shot[1].metrics["loss"] == pytest.approx(curve[1].metrics["loss"], rel=1e-6)  # nothing recovered yet
     assert abs(one_shot[2].metrics["loss"] - curve[2].metrics["loss"]) > 1e-4  # evaluated after a recovery
+
+
+def test_iterative_flops_schedule_prunes_the_recovered_model(tmp_path, monkeypatch):
+    """pruning.schedule iterative with units both (issue 20 d): each FLOPs budget prunes heads and neurons
+    further from the previous step's briefly recovered model, re-scored on it: pruned sets are nested, the
+    snapshot pruned to the next step's units gives the next step's figure, and the first pruned step equals
+    the one-shot curve's (nothing recovered before it) while the next differs."""
+    from prune_attattr.prune.curve import flops_curve
+    from prune_attattr.prune.neurons import prune_units, pruned_neurons_of
+    from prune_attattr.stages.context import mean_length
+    from prune_attattr.stages.curves import iterative_curve
+    from prune_attattr.stages.importance import compute_importance, compute_neuron_importance
+    from prune_attattr.stages.prepare import prepare
+    from prune_attattr.stages.recovery import RecoveryState
+
+    monkeypatch.chdir(tmp_path)
+    recipe = _keyword_recipe(tmp_path, 320, 64, 3, [
+        "importance.methods=[taylor]", "importance.examples=32", "pruning.units=both", "pruning.flops_steps=[1.0,0.7,0.5,0.35]",
+        "pruning.schedule=iterative", "recovery.enabled=true", "recovery.train_examples=96", "recovery.iterative_examples=64",
+        "recovery.batch_size=16", "recovery.learning_rate=3e-3", "export.onnx=false", "export.method=taylor",
+    ])
+    prep = prepare(recipe, quiet=True)
+    heads = compute_importance("taylor", prep.model, prep.imp_loader, prep.ctx)
+    neurons = compute_neuron_importance("taylor", prep.model, prep.imp_loader, prep.ctx)
+    seq_len = mean_length(prep.dev_enc)
+    state = RecoveryState()
+    curve = iterative_curve(prep, heads, "taylor", state, neuron_scores=neurons, units="both", seq_len=seq_len)
+    acc = prep.ctx.accelerator
+    assert [s.budget for s in curve] == [1.0, 0.7, 0.5, 0.35]
+    assert all(s.flops_fraction <= s.budget + 1e-9 for s in curve)
+    for a, b in zip(curve, curve[1:]):
+        for kind in ("pruned_heads", "pruned_neurons"):
+            assert all(set(getattr(a, kind)[k]) <= set(getattr(b, kind).get(k, [])) for k in getattr(a, kind))
+        assert b.neurons_kept < a.neurons_kept or b.heads_kept < a.heads_kept
+    assert sorted(state.snapshots) == [1, 2]
+    for k in (1, 2):
+        snap = state.snapshots[k]
+        assert {str(k2): v for k2, v in pruned_neurons_of(snap).items()} == curve[k].pruned_neurons
+        nxt = curve[k + 1]
+        again = prune_units(
+            copy.deepcopy(snap), heads={int(k2): v for k2, v in nxt.pruned_heads.items()}, neurons={int(k2): v for k2, v in nxt.pruned_neurons.items()}
+        )
+        got = evaluate_model(again, prep.dev_loader, acc, ["accuracy"])
+        assert got["loss"] == pytest.approx(nxt.metrics["loss"], rel=1e-5)
+
+    def evaluate(m):
+        return evaluate_model(m, prep.dev_loader, acc, ["accuracy"])
+
+    one_shot = flops_curve(prep.model, heads, neurons, [1.0, 0.7, 0.5, 0.35], evaluate, units="both", seq_len=seq_len)
+    assert one_shot[1].pruned_neurons == curve[1].pruned_neurons
+    assert one_shot[1].metrics["loss"] == pytest.approx(curve[1].metrics["loss"], rel=1e-6)  # nothing recovered yet
+    assert abs(one_shot[2].metrics["loss"] - curve[2].metrics["loss"]) > 1e-4  # evaluated after a recovery

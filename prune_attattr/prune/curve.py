@@ -91,8 +91,14 @@ def flops_curve(
     seq_len: float,
     balance: str = "cost",
     on_step: Callable[[PruningStep], None] | None = None,
+    rescore_fn: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> list[PruningStep]:
     """Prune ``model`` (a copy per step) to each FLOPs fraction and evaluate it.
+
+    With ``rescore_fn`` the steps are cumulative instead (the iterative schedule, Michel et al. 2019):
+    one copy is pruned further at each budget, and after every step but the last ``rescore_fn(work)``
+    may change it in place (a brief recovery) and returns the new ``(head_scores, neuron_scores)``
+    (original unit indices; entries of pruned units are ignored) that choose the next step's units.
 
     Args:
         model: the unpruned (or partly pruned) classifier; not changed.
@@ -114,12 +120,13 @@ def flops_curve(
         kept_heads=kept_heads(model), kept_neurons=kept_neurons(model),
     )
     steps: list[PruningStep] = []
-    for budget in fractions:
-        if budget < floor - 1e-12:
-            continue
-        work = copy.deepcopy(model)
-        if budget < 1.0:
-            choice = choose_units(model, head_scores, neuron_scores, costs, budget, units, balance)
+    reachable = [b for b in fractions if b >= floor - 1e-12]
+    work = copy.deepcopy(model) if rescore_fn is not None else None
+    for i, budget in enumerate(reachable):
+        if rescore_fn is None:
+            work = copy.deepcopy(model)
+        if budget < 1.0:  # choose_units keeps pruned units pruned: a cumulative step only adds to them
+            choice = choose_units(work, head_scores, neuron_scores, costs, budget, units, balance)
             prune_units(work, heads=choice.pruned_heads, neurons=choice.pruned_neurons)
         metrics = evaluate_fn(work)
         pruned_h = pruned_heads_of(work)
@@ -137,4 +144,6 @@ def flops_curve(
         steps.append(step)
         if on_step is not None:
             on_step(step)
+        if rescore_fn is not None and i < len(reachable) - 1:
+            head_scores, neuron_scores = rescore_fn(work)
     return steps

@@ -24,10 +24,11 @@ from ..prune.cost import UnitCosts, unit_flops
 from ..evaluation import evaluate_outputs
 from ..prune.curve import balance_for, flops_curve
 from ..prune.heads import pruned_heads_of, pruning_curve
+from ..prune.neurons import pruned_neurons_of
 from ..recover.distill import recover, recovery_dataloader
 from ..registry import NEURON_METHODS
 from .context import Prepared, cached_evaluation, mean_length, reference_logits
-from .importance import cached_importance, compute_importance
+from .importance import cached_importance, compute_importance, compute_neuron_importance
 
 if TYPE_CHECKING:
     from .recovery import RecoveryState
@@ -76,7 +77,7 @@ def curves_stage(
             if r.pruning.units == "heads" and kind == "heads":  # the paper's curves: heads kept
                 curves[name] = _with_flops(_heads_curve(prep, method, scores, recovery), costs)
             else:  # FLOPs kept
-                curves[name] = _budget_curve(prep, method, units, scores[method], neuron_scores.get(method), seq_len, name)
+                curves[name] = _budget_curve(prep, method, units, scores[method], neuron_scores.get(method), seq_len, name, recovery)
     return curves
 
 
@@ -111,9 +112,12 @@ def _attach_loyalty(steps: list, loyalties: list) -> list:
     return steps
 
 
-def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str) -> list:
+def _budget_curve(
+    prep: Prepared, method: str, units: str, head_scores, neuron_scores, seq_len: float, name: str, recovery: RecoveryState | None = None
+) -> list:
     """``method``'s curve over ``pruning.flops_steps`` (:func:`prune_attattr.prune.curve.flops_curve`),
-    every step's evaluation cached."""
+    every step's evaluation cached; ``export.method``'s curve under ``pruning.schedule: iterative`` is
+    :func:`iterative_curve` (``recovery``)."""
     ctx, r = prep.ctx, prep.ctx.recipe
     metric = ctx.metrics[0]
     evaluate, counts, loyalties = _counting_evaluate(prep)
@@ -125,6 +129,9 @@ def _budget_curve(prep: Prepared, method: str, units: str, head_scores, neuron_s
         )
 
     stage = f"pruning curve: {name}" + ("" if units == r.pruning.units or name != method else f" ({units} only)")
+    if r.pruning.schedule == "iterative" and name == r.export.method and recovery is not None:  # issue 20 (d)
+        with ctx.stage(stage + " (iterative, with recovery)"):
+            return iterative_curve(prep, head_scores, method, recovery, neuron_scores=neuron_scores, units=units, seq_len=seq_len)
     with ctx.stage(stage):
         steps = flops_curve(
             prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
@@ -162,10 +169,17 @@ def _heads_curve(prep: Prepared, method: str, scores: dict, recovery) -> list:
     return _attach_loyalty(curve, loyalties)
 
 
-def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: RecoveryState) -> list:
+def iterative_curve(
+    prep: Prepared, scores: torch.Tensor, method: str, state: RecoveryState, *, neuron_scores: torch.Tensor | None = None,
+    units: str = "heads", seq_len: float | None = None,
+) -> list:
     """Pruning curve of ``pruning.schedule: iterative``: prune a step, evaluate, recover briefly (in place, on
     the first ``recovery.iterative_examples`` recovery examples, one epoch), re-score with ``method``, prune
-    again (Michel et al. 2019's iterative pruning with recovery between steps). Not stage-cached: the
+    again (Michel et al. 2019's iterative pruning with recovery between steps). ``units="heads"``: steps of
+    ``pruning.step_fraction`` heads (:func:`prune_attattr.prune.heads.pruning_curve`); ``neurons`` or
+    ``both``: the ``pruning.flops_steps`` budgets, each pruned further from the previous step's recovered
+    model (:func:`prune_attattr.prune.curve.flops_curve` with ``rescore_fn``; ``neuron_scores``
+    ``[layers, neurons]`` and ``seq_len``, the dev split's mean length, are needed). Not stage-cached: the
     weights change along the curve. Step ``k``'s recovered model is kept in ``state.snapshots[k]``."""
     from accelerate.utils import set_seed
 
@@ -173,11 +187,12 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
     metric = ctx.metrics[0]
     calls = [0]
 
-    def rescore(work):
+    def brief_recovery(work) -> bool:
+        """Recover ``work`` in place after curve step ``calls[0]``; False (nothing done) before any pruning."""
         step = calls[0]
         calls[0] += 1
-        if not pruned_heads_of(work):
-            return scores
+        if not pruned_heads_of(work) and not pruned_neurons_of(work):
+            return False
         state.ensure(prep)
         n = min(r.recovery.iterative_examples, len(state.train))
         loader = recovery_dataloader(state.train.subset(range(n)), batch_size=r.recovery.batch_size, pad_id=ctx.pad_id, seed=r.seed + step)
@@ -186,7 +201,7 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
         teacher = prep.model if r.recovery.hidden_weight > 0 else None  # layer-wise distillation runs it per batch
         recover(work, teacher, loader, ctx.accelerator, r.recovery.model_copy(update={"epochs": 1}), cached_teacher=table)
         state.snapshots[step] = copy.deepcopy(work)
-        return compute_importance(method, work, prep.imp_loader, ctx)
+        return True
 
     reference = reference_logits(prep)
     loyalties: list = []
@@ -196,12 +211,37 @@ def iterative_curve(prep: Prepared, scores: torch.Tensor, method: str, state: Re
         loyalties.append(result.loyalty)
         return result.metrics
 
-    steps = pruning_curve(
-        prep.model,
-        scores,
-        evaluate,
-        step_fraction=r.pruning.step_fraction,
-        rescore_fn=rescore,
-        on_step=lambda s: ctx.print(f"   {method} (iterative): {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
+    if units == "heads":
+        def rescore(work):
+            return compute_importance(method, work, prep.imp_loader, ctx) if brief_recovery(work) else scores
+
+        steps = pruning_curve(
+            prep.model,
+            scores,
+            evaluate,
+            step_fraction=r.pruning.step_fraction,
+            rescore_fn=rescore,
+            on_step=lambda s: ctx.print(f"   {method} (iterative): {s.heads_kept:3d} heads kept -> {metric} {100 * s.metrics[metric]:.2f}%"),
+        )
+        return _attach_loyalty(steps, loyalties)
+
+    if neuron_scores is None or seq_len is None:
+        raise ValueError(f"the iterative {units} curve needs neuron scores and the mean sequence length")
+    current = (scores, neuron_scores)
+
+    def rescore_both(work):
+        nonlocal current
+        if brief_recovery(work):
+            heads = compute_importance(method, work, prep.imp_loader, ctx) if units != "neurons" else current[0]
+            current = (heads, compute_neuron_importance(method, work, prep.imp_loader, ctx))
+        return current
+
+    steps = flops_curve(
+        prep.model, scores, neuron_scores, r.pruning.flops_steps, evaluate, units=units, seq_len=seq_len,
+        balance=balance_for(method, r.pruning.balance, r.importance.attattr.aggregate), rescore_fn=rescore_both,
+        on_step=lambda s: ctx.print(
+            f"   {method} (iterative): FLOPs {100 * s.flops_fraction:5.1f}% ({s.heads_kept} heads, {s.neurons_kept} neurons) -> "
+            f"{metric} {100 * s.metrics[metric]:.2f}%"
+        ),
     )
     return _attach_loyalty(steps, loyalties)
