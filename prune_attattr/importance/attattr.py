@@ -415,6 +415,26 @@ def iter_group_attributions(
     The cheapest form for per-example reductions (e.g. head scores): no ``[B, heads, T, T]`` tensor
     in the caller's layout is built. Arguments as in :func:`attention_attribution`.
     """
+    yield from checked_run(
+        _fast_attributions if mode == "fast" else _reference_attributions, model, batch, steps=steps, target=target, layers=layers,
+        mode=mode, quadrature=quadrature, max_tokens_per_forward=max_tokens_per_forward, chunk_size=chunk_size,
+        mixed_precision=mixed_precision, objective=objective, row_cap=True,
+    )
+
+
+def checked_run(
+    run, model: nn.Module, batch: dict[str, torch.Tensor], *, steps: int, target: str, layers, mode: str, quadrature: str,
+    max_tokens_per_forward: int | None, chunk_size: int | None, mixed_precision: str | None, objective: str, row_cap: bool,
+):
+    """What AttAttr's attention and neuron paths share: check the arguments (before any work), then yield
+    what ``run(model, batch, rows, steps, target, layers, quadrature, max_tokens[, max_rows], precision,
+    objective)`` yields (``max_rows`` only with ``row_cap``), with ``model`` in eval mode and frozen; its
+    training mode is restored afterwards. An all-padding batch yields nothing.
+
+    Raises:
+        ValueError: a layer out of range, an unknown objective, mode, target or quadrature, bad steps or
+            token budget, or a row longer than the budget.
+    """
     layers = _check_layers(model, layers)
     _check_objective(objective)
     if mode not in ("fast", "reference"):
@@ -423,6 +443,7 @@ def iter_group_attributions(
         raise ValueError(f"unknown target '{target}'; use predicted or gold")
     quadrature_nodes(steps, quadrature)  # validates steps and quadrature before any work
     max_tokens, max_rows = token_budget(max_tokens_per_forward, chunk_size)
+    budget = (max_tokens, max_rows) if row_cap else (max_tokens,)
     precision = resolve_precision(mixed_precision)
     rows = row_spans(batch["attention_mask"])
     if len(rows) == 0:
@@ -432,8 +453,7 @@ def iter_group_attributions(
     model.eval()
     try:
         with frozen(model):
-            run = _fast_attributions if mode == "fast" else _reference_attributions
-            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, max_rows, precision, objective)
+            yield from run(model, batch, rows, steps, target, layers, quadrature, *budget, precision, objective)
     finally:
         model.train(was_training)
 

@@ -53,7 +53,6 @@ from ..models import (
     encoder_layers,
     feed_forward,
     forward_logits,
-    frozen,
     intermediate_size,
     kept_neurons,
     logits_from_layer,
@@ -61,21 +60,21 @@ from ..models import (
     repeat_batch,
     run_layers,
 )
-from ..precision import autocast, resolve_precision
+from ..precision import autocast
 from .attattr import (
     Objective,
     Quadrature,
     Target,
     _check_layers,
-    _check_objective,
     _groups,
     _pad_id,
     _prepare_fast,
     _target_prob,
     _targets,
+    checked_run,
     quadrature_nodes,
 )
-from .batching import check_fits, compact, row_spans, split_evenly, token_budget
+from .batching import compact, row_spans, split_evenly
 
 __all__ = [
     "GroupNeuronAttribution",
@@ -324,27 +323,11 @@ def iter_neuron_attributions(
     maps them to original indices); a layer without neurons is skipped. Arguments as in
     :func:`neuron_attribution`.
     """
-    layers = _check_layers(model, layers)
-    _check_objective(objective)
-    if mode not in ("fast", "reference"):
-        raise ValueError(f"unknown mode '{mode}'; use fast or reference")
-    if target not in ("predicted", "gold"):
-        raise ValueError(f"unknown target '{target}'; use predicted or gold")
-    quadrature_nodes(steps, quadrature)  # validates steps and quadrature before any work
-    max_tokens, _ = token_budget(max_tokens_per_forward)
-    precision = resolve_precision(mixed_precision)
-    rows = row_spans(batch["attention_mask"])
-    if len(rows) == 0:
-        return
-    check_fits(rows.length, max_tokens)
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            run = _fast if mode == "fast" else _reference
-            yield from run(model, batch, rows, steps, target, layers, quadrature, max_tokens, precision, objective)
-    finally:
-        model.train(was_training)
+    yield from checked_run(
+        _fast if mode == "fast" else _reference, model, batch, steps=steps, target=target, layers=layers, mode=mode,
+        quadrature=quadrature, max_tokens_per_forward=max_tokens_per_forward, chunk_size=None, mixed_precision=mixed_precision,
+        objective=objective, row_cap=False,
+    )
 
 
 def neuron_attribution(
