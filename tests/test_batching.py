@@ -136,7 +136,8 @@ def test_row_order_does_not_change_results(mode):
         n = int(batch["attention_mask"][row].sum())
         one = {k: (v[row : row + 1, :n] if v.dim() == 2 else v[row : row + 1]) for k, v in batch.items()}
         alone = attention_attribution(model, one, steps=5, target="gold", mode=mode)
-        assert torch.allclose(a[row, ..., :n, :n], alone[0], atol=1e-6, rtol=1e-5)
+        # float32 rounding of other GEMM shapes (padded batch vs one row): up to 3.7e-6 on values of 0.63 (AMD EPYC, MKL)
+        assert torch.allclose(a[row, ..., :n, :n], alone[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
