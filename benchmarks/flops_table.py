@@ -136,8 +136,9 @@ def main() -> None:
                 row["distill"] = row["distill_s"] = None
                 if not args.skip_distill:
                     set_seed(recipe.seed)  # the same dropout draws whatever ran before
+                    teacher = prep.model if recipe.recovery.hidden_weight > 0 else None  # layer-wise distillation runs it per batch
                     row["distill"], row["distill_s"] = recovered(
-                        prep, pruned, lambda s: recover(s, None, state.loader, ctx.accelerator, recipe.recovery, cached_teacher=state.table)
+                        prep, pruned, lambda s: recover(s, teacher, state.loader, ctx.accelerator, recipe.recovery, cached_teacher=state.table)
                     )
                 ctx.print(
                     f"   {method} {units} {budget:.2f}: {100 * row['flops_fraction']:.1f}% FLOPs, {row['heads_kept']} heads, "
