@@ -68,6 +68,10 @@ class AttentionControl:
             ``neuron_mask``.
         neuron_record: layers whose final activations are stored in :attr:`neuron_recorded`.
         neuron_recorded: filled during the forward: layer -> ``[batch, seq, neurons]``.
+        sublayer_gate: ``(layer, "attention" | "ffn")`` -> gate of that whole sublayer, a scalar or
+            ``[batch]`` (1 keeps it, 0 makes it the identity, as its structural removal does; any real
+            value is allowed for gradients). Applied by hooks that :func:`prune_attattr.models.prepare`
+            installs where the family table's :class:`~prune_attattr.families.Sublayer` says.
     """
 
     replace: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -79,6 +83,18 @@ class AttentionControl:
     neuron_replace: dict[int, torch.Tensor] = field(default_factory=dict)
     neuron_record: set[int] | bool = False
     neuron_recorded: dict[int, torch.Tensor] = field(default_factory=dict)
+    sublayer_gate: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    sublayer_inputs: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def gate_sublayer(self, key: tuple[int, str], out: torch.Tensor, residual: bool) -> torch.Tensor:
+        """The output of sublayer ``key`` under its gate ``g``: ``h + g (out - h)`` when ``out`` holds the
+        residual (post-norm; ``h`` recorded on entry), ``g out`` when it is the update added to ``h`` (pre-norm)."""
+        g = self.sublayer_gate[key]
+        g = g.to(out.dtype).reshape(-1, *([1] * (out.dim() - 1))) if g.dim() else g.to(out.dtype)
+        if not residual:
+            return g * out
+        h = self.sublayer_inputs.pop(key)
+        return h + g * (out - h)
 
     def touches(self, layer: int) -> bool:
         """Whether this control needs the explicit (eager) computation in ``layer``."""

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["PRUNED_HEADS_KEY", "PRUNED_NEURONS_KEY", "ModelError", "Family", "FeedForwardSplit", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
+__all__ = ["PRUNED_HEADS_KEY", "PRUNED_NEURONS_KEY", "REMOVED_SUBLAYERS_KEY", "SUBLAYERS", "ModelError", "Family", "FeedForwardSplit", "Sublayer", "FAMILIES", "REFUSED", "UnsupportedModel", "family_for_type", "family_of", "get_path", "set_path", "mask_channel", "layers_path"]
 
 
 PRUNED_HEADS_KEY = "prune_attattr_pruned_heads"  # config key: {layer: [original head indices]} removed
 PRUNED_NEURONS_KEY = "prune_attattr_pruned_neurons"  # config key: {layer: [original neuron indices]} removed
+REMOVED_SUBLAYERS_KEY = "prune_attattr_removed_sublayers"  # config key: {layer: ["attention", "ffn"]} bypassed
+SUBLAYERS = ("attention", "ffn")  # the two sublayers of an encoder layer, in order
 
 
 class ModelError(ValueError):
@@ -268,6 +270,46 @@ def _modernbert_check(config) -> None:
 
 
 @dataclass(frozen=True)
+class Sublayer:
+    """Where one sublayer of an encoder layer (its attention block or its feed-forward block, with the
+    residual connection and norm that belong to it) begins and ends, and how it is removed.
+
+    A removed sublayer is the identity: the layer's hidden states pass it unchanged (CoFi, Xia et al.
+    2022, section 3.1, removes whole multi-head-attention and feed-forward layers the same way). Its gate
+    ``g`` (1 keeps it, 0 removes it) is, for scoring:
+
+    * post-norm (``residual=True``): the sublayer maps ``h`` to ``y = LN(h + f(h))``; gated,
+      ``y' = h + g (y - h)``;
+    * pre-norm (``residual=False``): the layer adds the sublayer's update ``d = f(LN(h))`` to ``h``;
+      gated, ``h + g d``.
+
+    Attributes:
+        enter: path from the layer to the module whose first input (or ``hidden_states``) is the
+            sublayer's input ``h`` (``""``: the layer itself); None for pre-norm sublayers.
+        exit: path to the module whose output (its first element, if a tuple) is ``y`` (post-norm) or ``d`` (pre-norm).
+        bypass: path to the module that removal replaces.
+        kind: ``"residual"``: the bypass module is called ``(hidden, input_tensor)`` and adds the residual
+            itself (BERT's ``BertSelfOutput``/``BertOutput``): replaced by one returning ``input_tensor``;
+            ``"zero"``: the bypass module's output is added to ``h`` by the layer: replaced by one returning
+            0 (``(0, None)`` when ``pair``), and ``norm`` by the identity.
+        norm: for ``"zero"``: the norm applied to ``h + output`` (post-norm) or to the sublayer's input (pre-norm).
+        pair: the bypass module returns ``(output, attention weights)``.
+    """
+
+    exit: str
+    bypass: str
+    kind: str
+    enter: str | None = None
+    norm: str | None = None
+    pair: bool = False
+
+    @property
+    def residual(self) -> bool:
+        """Whether ``exit``'s output already holds the residual (post-norm): see the class docstring."""
+        return self.enter is not None
+
+
+@dataclass(frozen=True)
 class Family:
     """How one encoder family is laid out (see the module docstring for the path conventions).
 
@@ -302,6 +344,8 @@ class Family:
         intermediate_key: the config attribute holding the number of neurons per layer.
         additive_mask: the layers take the eager additive mask ``[B, 1, T, T]`` built from the padding
             mask (a family whose attention does not go through the transformers mask interface).
+        sublayers: ``{"attention": Sublayer, "ffn": Sublayer}``: where each whole sublayer begins and
+            ends and how it is removed (:class:`Sublayer`, :mod:`prune_attattr.prune.sublayers`).
         check: raises :class:`UnsupportedModel` for a configuration of the family that is not handled.
     """
 
@@ -334,6 +378,7 @@ class Family:
     glu: bool = False
     intermediate_key: str = "intermediate_size"
     additive_mask: bool = False
+    sublayers: dict = field(default_factory=dict, compare=False)
     check: Callable | None = field(default=None, compare=False)
 
     @property
@@ -347,8 +392,12 @@ class Family:
         return ("input_ids", "attention_mask", "token_type_ids") if self.token_type_ids else ("input_ids", "attention_mask")
 
 
+_BERT_SUBLAYERS = {
+    "attention": Sublayer(enter="attention", exit="attention", bypass="attention.output", kind="residual"),
+    "ffn": Sublayer(enter="intermediate", exit="output", bypass="output", kind="residual"),
+}
 _BERT_LIKE = dict(attention="attention.self", query="query", key="key", value="value", output="attention.output.dense", finish=_bert_finish, ffn_split=_bert_split,
-                  ffn_in="intermediate.dense", ffn_out="output.dense")
+                  ffn_in="intermediate.dense", ffn_out="output.dense", sublayers=_BERT_SUBLAYERS)
 
 FAMILIES: dict[str, Family] = {}
 for _fam in (
@@ -388,6 +437,10 @@ for _fam in (
         ffn_in="ffn.lin1",
         ffn_out="ffn.lin2",
         intermediate_key="hidden_dim",
+        sublayers={
+            "attention": Sublayer(enter="", exit="sa_layer_norm", bypass="attention", kind="zero", norm="sa_layer_norm", pair=True),
+            "ffn": Sublayer(enter="ffn", exit="output_layer_norm", bypass="ffn", kind="zero", norm="output_layer_norm"),
+        },
         token_type_ids=False,
     ),
     Family(
@@ -404,6 +457,10 @@ for _fam in (
         ffn_in="mlp.Wi",
         ffn_out="mlp.Wo",
         glu=True,
+        sublayers={
+            "attention": Sublayer(exit="attn", bypass="attn", kind="zero", norm="attn_norm", pair=True),
+            "ffn": Sublayer(exit="mlp", bypass="mlp", kind="zero", norm="mlp_norm"),
+        },
         attn_input=_modernbert_attn_input,
         token_type_ids=False,
         sliding_window=True,
@@ -427,6 +484,7 @@ for _fam in (
         ffn_split=_bert_split,
         ffn_in="intermediate.dense",
         ffn_out="output.dense",
+        sublayers=_BERT_SUBLAYERS,
         call_layer=_deberta_call,
         score_bias=_deberta_bias,
         scaling=_deberta_scaling,

@@ -284,6 +284,8 @@ def prepare(model: nn.Module) -> Family:
             fam.install(attn)
         if fam.ffn_out is not None:
             _install_neuron_hook(get_path(layer, fam.ffn_out), i)
+        for which, sub in fam.sublayers.items():
+            _install_sublayer_hooks(layer, sub, (i, which))
     return fam
 
 
@@ -308,6 +310,52 @@ def _install_neuron_hook(module: nn.Module, layer: int) -> None:
         return
     module.register_forward_pre_hook(_NeuronHook(layer))
     module._prune_attattr_neuron_hook = layer
+
+
+class _SublayerEnter:
+    """Forward pre-hook on the module where a post-norm sublayer begins: records its input ``h`` for the
+    active control's sublayer gate (:meth:`prune_attattr.attention.AttentionControl.gate_sublayer`)."""
+
+    def __init__(self, key: tuple[int, str]):
+        self.key = key
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        ctrl = active_control()
+        if ctrl is not None and self.key in ctrl.sublayer_gate:
+            ctrl.sublayer_inputs[self.key] = args[0] if args else kwargs["hidden_states"]
+        return None
+
+
+class _SublayerExit:
+    """Forward hook on the module where a sublayer ends: applies the active control's gate to its output."""
+
+    def __init__(self, key: tuple[int, str], residual: bool):
+        self.key = key
+        self.residual = residual
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        ctrl = active_control()
+        if ctrl is None or self.key not in ctrl.sublayer_gate:
+            return None
+        if isinstance(output, tuple):
+            return (ctrl.gate_sublayer(self.key, output[0], self.residual), *output[1:])
+        return ctrl.gate_sublayer(self.key, output, self.residual)
+
+
+def _install_sublayer_hooks(layer: nn.Module, sub, key: tuple[int, str]) -> None:
+    """Put the gate hooks of sublayer ``key`` on its enter/exit modules once (a removed sublayer gets none)."""
+    if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False):
+        return
+    marker = f"_prune_attattr_sublayer_{key[1]}"
+    if sub.residual:
+        enter = get_path(layer, sub.enter)
+        if getattr(enter, marker + "_enter", None) != key:
+            enter.register_forward_pre_hook(_SublayerEnter(key), with_kwargs=True)
+            setattr(enter, marker + "_enter", key)
+    exit_ = get_path(layer, sub.exit)
+    if getattr(exit_, marker + "_exit", None) != key:
+        exit_.register_forward_hook(_SublayerExit(key, sub.residual))
+        setattr(exit_, marker + "_exit", key)
 
 
 def _family_of_layer(layer: nn.Module) -> Family:
@@ -465,6 +513,19 @@ def _num_heads(layer: nn.Module) -> int:
     return int(config.num_attention_heads if config is not None else attn.num_attention_heads)
 
 
+def _whole(layer: nn.Module) -> Family:
+    """The layer's family; raises for a layer with a removed sublayer (:mod:`prune_attattr.prune.sublayers`),
+    which the runners below, written for a layer's full structure, cannot finish."""
+    fam = _family_of_layer(layer)
+    gone = [w for w, sub in fam.sublayers.items() if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False)]
+    if gone:
+        raise ModelError(
+            f"this layer's {' and '.join(gone)} sublayer was removed; attribution fast paths, least squares and the "
+            "analyses run on models without removed sublayers (score and prune before removing sublayers)"
+        )
+    return fam
+
+
 def output_projection(layer: nn.Module) -> nn.Module:
     """The attention output projection of an encoder layer (``nn.Linear``, input columns = heads x head_dim)."""
     return get_path(layer, _family_of_layer(layer).output)
@@ -473,13 +534,13 @@ def output_projection(layer: nn.Module) -> nn.Module:
 def layer_from_attention_output(layer: nn.Module, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """Finish an encoder layer from its attention block's output ``attn_out [N, T_q, hidden]`` (after the
     output projection and its bias): residual, norms, feed-forward. Returns ``[N, T_q, hidden]``."""
-    return _family_of_layer(layer).finish(layer, attn_out, residual)
+    return _whole(layer).finish(layer, attn_out, residual)
 
 
 def feed_forward_split(layer: nn.Module):
     """The layer's :class:`~prune_attattr.families.FeedForwardSplit`, or None when its family gives none
     or its pieces are not a 1-D ``nn.LayerNorm`` and an ``nn.Linear`` (callers then use :func:`layer_from_attention_output`)."""
-    fam = _family_of_layer(layer)
+    fam = _whole(layer)
     if fam.ffn_split is None:
         return None
     split = fam.ffn_split(layer)
@@ -499,7 +560,7 @@ def layer_from_context(layer: nn.Module, context: torch.Tensor | None, residual:
     Returns:
         The layer's output ``[N, T_q, hidden]`` (attention output projection, residual, norms, feed-forward).
     """
-    fam = _family_of_layer(layer)
+    fam = _whole(layer)
     if context is None:
         flat = residual[..., :0]
     else:
@@ -556,7 +617,7 @@ def _cls_layer(model, layer, hidden, mask, control):
     from .attention import attention_forward
     from .families import mask_channel
 
-    fam = _family_of_layer(layer)
+    fam = _whole(layer)
     if _num_heads(layer) == 0:
         return layer_from_context(layer, None, hidden[:, :1])
     attn = get_path(layer, fam.attention)

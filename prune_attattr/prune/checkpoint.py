@@ -2,7 +2,8 @@
 
 ``save_pruned`` writes ``model.safetensors``, ``config.json`` (the pruned heads under
 ``prune_attattr_pruned_heads``, {layer: [heads]} with original head indices, the pruned feed-forward
-neurons under ``prune_attattr_pruned_neurons``, {layer: [neurons]} likewise, an ``auto_map`` entry, a
+neurons under ``prune_attattr_pruned_neurons``, {layer: [neurons]} likewise, the removed whole sublayers
+under ``prune_attattr_removed_sublayers``, {layer: ["attention", "ffn"]}, an ``auto_map`` entry, a
 ``custom_pipelines`` entry and the task's class names in ``id2label``), the tokenizer, and
 ``modeling_pruned.py``: a self-contained modeling file (torch and transformers only) that rebuilds the
 pruned architecture and holds the text-classification pipeline class transformers builds for it. So,
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, family_of, layers_path
+from ..families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY, REMOVED_SUBLAYERS_KEY, family_of, layers_path
 
 __all__ = ["save_pruned", "load_pruned", "set_label_names", "MODELING_FILE", "AUTO_CLASS", "PIPELINE_CLASS"]
 
@@ -40,6 +41,8 @@ _TEMPLATE = Path(__file__).parent / "templates" / "modeling_pruned.py"
 
 
 def _structure(model: nn.Module) -> dict:
+    from .sublayers import bypass_children
+
     fam = family_of(model)
     return {
         "layers": layers_path(fam, model),
@@ -51,6 +54,10 @@ def _structure(model: nn.Module) -> dict:
         "ffn_out": fam.ffn_out,
         "glu": fam.glu,
         "intermediate_key": fam.intermediate_key,
+        "sublayers": {
+            which: {"bypass": sub.bypass, "kind": sub.kind, "norm": sub.norm, "pair": sub.pair, "keep": bypass_children(fam, which)}
+            for which, sub in fam.sublayers.items()
+        },
     }
 
 
@@ -112,8 +119,9 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, *, labe
     """
     from safetensors.torch import save_file
 
-    from .neurons import pruned_neurons_of
     from .heads import pruned_heads_of
+    from .neurons import pruned_neurons_of
+    from .sublayers import removed_sublayers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -123,6 +131,7 @@ def save_pruned(model: nn.Module, directory: str | Path, tokenizer=None, *, labe
     config = copy.deepcopy(model.config)
     setattr(config, PRUNED_HEADS_KEY, {str(k): v for k, v in pruned_heads_of(model).items()})
     setattr(config, PRUNED_NEURONS_KEY, {str(k): v for k, v in pruned_neurons_of(model).items()})
+    setattr(config, REMOVED_SUBLAYERS_KEY, {str(k): v for k, v in removed_sublayers(model).items()})
     set_label_names(config, label_names)
     config.auto_map = {"AutoModelForSequenceClassification": f"{MODELING_FILE[:-3]}.{AUTO_CLASS}"}
     config.architectures = [AUTO_CLASS]
@@ -156,6 +165,7 @@ def load_pruned(directory: str | Path) -> nn.Module:
     from ..attention import register_attention
     from ..models import prepare
     from .neurons import prune_units
+    from .sublayers import remove_sublayers
 
     directory = Path(directory)
     weights = directory / "model.safetensors"
@@ -164,6 +174,7 @@ def load_pruned(directory: str | Path) -> nn.Module:
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
     heads = getattr(config, PRUNED_HEADS_KEY, None) or {}
     neurons = getattr(config, PRUNED_NEURONS_KEY, None) or {}
+    sublayers = getattr(config, REMOVED_SUBLAYERS_KEY, None) or {}
     config._attn_implementation = register_attention()
     for key in ("auto_map", "custom_pipelines"):  # the stock class; prune_units below does what modeling_pruned.py does
         if hasattr(config, key):
@@ -171,6 +182,8 @@ def load_pruned(directory: str | Path) -> nn.Module:
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
     prepare(model)
     prune_units(model, heads={int(k): v for k, v in heads.items()}, neurons={int(k): v for k, v in neurons.items()})
+    if sublayers:
+        remove_sublayers(model, {int(k): v for k, v in sublayers.items()})
     state = load_file(str(weights))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

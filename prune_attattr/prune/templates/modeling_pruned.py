@@ -9,7 +9,9 @@ original head indices) and the removed feed-forward neurons under ``prune_attatt
 those heads (rows of the query/key/value projections, columns of the attention output projection; a
 layer with no heads left keeps only the output projection's bias) and neurons (rows of the first
 feed-forward map and its bias, both halves of a gated one; columns of the second; a layer with no
-neurons left keeps only the second map's bias), and from_pretrained then loads the weights.
+neurons left keeps only the second map's bias), makes the whole sublayers listed under
+``prune_attattr_removed_sublayers`` ({layer: ["attention", "ffn"]}) the identity, and from_pretrained
+then loads the weights.
 
 ``config.json`` names :class:`PrunedTextClassificationPipeline` under ``custom_pipelines``, so
 ``pipeline("text-classification", model=folder, trust_remote_code=True)`` builds transformers' own
@@ -123,6 +125,54 @@ def _prune_neurons(model, pruned):
         _set(block, s["ffn_out"], second)
 
 
+class _Residual(nn.Module):
+    """A removed sublayer whose output module took (hidden_states, input_tensor): returns input_tensor."""
+
+    _prune_attattr_bypass = True
+
+    def __init__(self, children):
+        super().__init__()
+        for name, module in children.items():
+            self.add_module(name, module)
+
+    def forward(self, hidden_states, input_tensor, *args, **kwargs):
+        return input_tensor
+
+
+class _Zero(nn.Module):
+    """A removed sublayer whose output the layer adds to its input: returns 0 (with no attention weights)."""
+
+    _prune_attattr_bypass = True
+
+    def __init__(self, children, pair, **attrs):
+        super().__init__()
+        for name, module in children.items():
+            self.add_module(name, module)
+        self.pair = pair
+        for name, value in attrs.items():
+            setattr(self, name, value)
+
+    def forward(self, *args, **kwargs):
+        return (0, None) if self.pair else 0
+
+
+def _remove_sublayers(model, removed):
+    s = STRUCTURE
+    layers = _get(model, s["layers"])
+    for key, names in removed.items():
+        block = layers[int(key)]
+        for which in names:
+            sub = s["sublayers"][which]
+            old = _get(block, sub["bypass"])
+            children = {name: getattr(old, name) for name in sub["keep"]}
+            if sub["kind"] == "residual":
+                _set(block, sub["bypass"], _Residual(children))
+            else:
+                attrs = {k: getattr(old, k) for k in ("head_ids", "layer_idx", "num_attention_heads") if hasattr(old, k)}
+                _set(block, sub["bypass"], _Zero(children, sub["pair"], **attrs))
+                _set(block, sub["norm"], nn.Identity())
+
+
 class PrunedForSequenceClassification(_Base):
     """__BASE__ with the heads in ``config.prune_attattr_pruned_heads`` and the feed-forward neurons in
     ``config.prune_attattr_pruned_neurons`` removed."""
@@ -131,6 +181,7 @@ class PrunedForSequenceClassification(_Base):
         super().__init__(config, *args, **kwargs)
         _prune(self, getattr(config, "prune_attattr_pruned_heads", None) or {})
         _prune_neurons(self, getattr(config, "prune_attattr_pruned_neurons", None) or {})
+        _remove_sublayers(self, getattr(config, "prune_attattr_removed_sublayers", None) or {})
 
 
 class PrunedTextClassificationPipeline(TextClassificationPipeline):

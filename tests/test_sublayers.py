@@ -1,0 +1,142 @@
+"""Whole sublayers as units (issue 21 item 1), in every family: a removed sublayer equals the model whose
+sublayer gate is 0 (before any recovery); its weights and operators are gone; save/reload with
+prune_attattr and with stock transformers alone; ONNX == PyTorch without the removed operators."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, tiny_batch, tiny_model
+
+from prune_attattr import AttentionControl, load_classifier, load_pruned, save_pruned
+from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder
+from prune_attattr.families import REMOVED_SUBLAYERS_KEY, ModelError, family_of
+from prune_attattr.models import forward_logits, input_names, intermediate_size, kept_heads, kept_neurons
+from prune_attattr.prune.heads import count_parameters
+from prune_attattr.prune.neurons import prune_units
+from prune_attattr.prune.sublayers import remove_sublayers, removed_sublayers
+
+REMOVE = {0: ["ffn"], 1: ["attention"], 2: ["attention", "ffn"]}  # layer 2 is gone entirely
+
+
+def _emptied(model):
+    """The same sublayers as REMOVE with every unit pruned but the residual and norm kept."""
+    every = range(intermediate_size(model))
+    return prune_units(copy.deepcopy(model), heads={1: range(4), 2: range(4)}, neurons={0: every, 2: every})
+
+
+def _gated(model, batch, remove, value=0.0):
+    gates = {(layer, w): torch.tensor(value) for layer, ws in remove.items() for w in ws}
+    with torch.no_grad():
+        return forward_logits(model, batch, AttentionControl(sublayer_gate=gates))
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_removed_sublayer_equals_gate_zero(kind):
+    model = tiny_model(kind)
+    batch = tiny_batch(kind=kind)
+    with torch.no_grad():
+        plain = forward_logits(model, batch)
+    assert torch.allclose(_gated(model, batch, REMOVE, 1.0), plain, atol=1e-5)  # gate 1 is the model
+    want = _gated(model, batch, REMOVE)
+    removed = remove_sublayers(copy.deepcopy(model), REMOVE)
+    with torch.no_grad():
+        got = forward_logits(removed, batch)
+    assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+    assert not torch.allclose(got, plain, atol=1e-3)
+    assert removed_sublayers(removed) == REMOVE
+    assert getattr(removed.config, REMOVED_SUBLAYERS_KEY) == {str(k): v for k, v in REMOVE.items()}
+    assert [len(h) for h in kept_heads(removed)] == [4, 0, 0]
+    assert [len(n) for n in kept_neurons(removed)][0] == 0 and len(kept_neurons(removed)[2]) == 0
+    # the sublayers' weights went with them: every removed post-norm sublayer took its LayerNorm, and
+    # removing sublayers of a model whose heads and neurons were already pruned removes more
+    assert count_parameters(removed) < count_parameters(_emptied(model))
+    # a second removal of the same sublayers changes nothing; a partly pruned model can lose sublayers too
+    again = remove_sublayers(removed, {2: ["attention"]})
+    with torch.no_grad():
+        assert torch.equal(forward_logits(again, batch), got)
+
+
+def test_bad_sublayers_refused_and_runners_refuse_removed_layers():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="layer 7 out of range"):
+        remove_sublayers(model, {7: ["ffn"]})
+    with pytest.raises(ValueError, match="'attention' or 'ffn'"):
+        remove_sublayers(model, {0: ["mlp"]})
+    from prune_attattr import attention_attribution
+
+    removed = remove_sublayers(model, {2: ["ffn"]})  # the last layer, which the fast path runs for [CLS] only
+    with pytest.raises(ModelError, match="ffn sublayer was removed"):
+        attention_attribution(removed, tiny_batch(), steps=2)
+
+
+_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+out = {}
+for folder in sys.argv[1:]:
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    batch = torch.load(folder + "/batch.pt")
+    with torch.no_grad():
+        out[folder] = {"logits": model(**batch).logits.tolist(), "parameters": sum(p.numel() for p in model.parameters())}
+print(json.dumps(out))
+"""
+
+
+def test_save_reload_and_stock_transformers_without_prune_attattr(tmp_path):
+    folders, want = [], {}
+    for kind in FAMILY_KINDS:
+        model = prune_units(tiny_model(kind), heads={0: [1]}, neurons={1: [0, 2, 5]})
+        model = remove_sublayers(model, REMOVE)
+        batch = tiny_batch(kind=kind)
+        batch = {k: batch[k] for k in input_names(model)}
+        folder = str(tmp_path / kind)
+        save_pruned(model, folder)
+        saved = json.loads((tmp_path / kind / "config.json").read_text())
+        assert saved[REMOVED_SUBLAYERS_KEY] == {str(k): v for k, v in REMOVE.items()}
+        with torch.no_grad():
+            want[folder] = (forward_logits(model, batch), count_parameters(model))
+        for loader in (load_pruned, load_classifier):
+            again = loader(folder)
+            assert removed_sublayers(again) == REMOVE and kept_heads(again) == kept_heads(model)
+            with torch.no_grad():
+                assert torch.equal(forward_logits(again, batch), want[folder][0]), (kind, loader.__name__)
+        torch.save(batch, folder + "/batch.pt")
+        folders.append(folder)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "-I", "-c", _STOCK_LOADER, *folders], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    for folder in folders:
+        diff = float((torch.tensor(got[folder]["logits"]) - want[folder][0]).abs().max())
+        assert diff <= 1e-5, (folder, diff)
+        assert got[folder]["parameters"] == want[folder][1], folder
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_onnx_equals_pytorch_without_the_removed_operators(kind, tmp_path):
+    import onnx
+
+    def ops(model, folder):
+        path = export_onnx_folder(model, folder, tiny_batch(kind=kind, batch=2, seq=7))
+        graph = onnx.load(str(path)).graph
+        return path, [n.op_type for n in graph.node]
+
+    model = tiny_model(kind)
+    removed = remove_sublayers(copy.deepcopy(model), REMOVE)
+    _, before = ops(_emptied(model), tmp_path / "emptied")
+    path, after = ops(removed, tmp_path / "removed")
+    # against the same sublayers emptied of units (residual, norm and output bias left): each removed
+    # sublayer takes its residual addition out of the graph, and a post-norm one its norm (a pre-norm
+    # sublayer's norm only fed its units, so emptying it already took the norm)
+    assert len(after) <= len(before) - 6, (len(before), len(after))
+    assert sum(op == "Add" for op in before) - sum(op == "Add" for op in after) >= 4
+    norms = sum(op == "LayerNormalization" for op in before) - sum(op == "LayerNormalization" for op in after)
+    assert norms == (4 if family_of(model).sublayers["ffn"].residual else 0)
+    batches = [tiny_batch(seed=s, batch=b, seq=t, kind=kind) for s, b, t in ((2, 1, 5), (3, 5, 19), (4, 3, 11))]
+    assert check_onnx(removed, path, batches) <= 1e-4
