@@ -15,7 +15,13 @@ from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, tiny_batch, tiny_model
 from prune_attattr import AttentionControl, load_classifier, load_pruned, save_pruned
 from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder
 from prune_attattr.families import REMOVED_SUBLAYERS_KEY, ModelError, family_of
-from prune_attattr.models import forward_logits, input_names, intermediate_size, kept_heads, kept_neurons
+from prune_attattr.models import (
+    forward_logits,
+    input_names,
+    intermediate_size,
+    kept_heads,
+    kept_neurons,
+)
 from prune_attattr.prune.heads import count_parameters
 from prune_attattr.prune.neurons import prune_units
 from prune_attattr.prune.sublayers import remove_sublayers, removed_sublayers

@@ -32,12 +32,19 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..families import REMOVED_SUBLAYERS_KEY, SUBLAYERS, Family, ModelError, get_path, set_path
+from ..families import (
+    REMOVED_SUBLAYERS_KEY,
+    SUBLAYERS,
+    Family,
+    ModelError,
+    get_path,
+    set_path,
+)
 from ..models import encoder_layers, intermediate_size, prepare
 from .heads import prune_heads
 from .neurons import prune_neurons
 
-__all__ = ["Residual", "Zero", "remove_sublayers", "removed_sublayers", "bypass_children"]
+__all__ = ["Residual", "Zero", "bypass_children", "remove_sublayers", "removed_sublayers"]
 
 
 class Residual(nn.Module):
