@@ -40,6 +40,7 @@ __all__ = [
     "num_heads_total",
     "feed_forward",
     "kept_neurons",
+    "removed_sublayers",
     "intermediate_size",
     "num_neurons_total",
     "embed",
@@ -426,6 +427,23 @@ def kept_neurons(model: nn.Module) -> list[list[int]]:
     return out
 
 
+def removed_sublayers(model: nn.Module) -> dict[int, list[str]]:
+    """The whole sublayers removed so far (:mod:`prune_attattr.prune.sublayers`), ``{layer: ["attention", "ffn"]}``
+    in that order, layers with none omitted."""
+    fam = prepare(model)
+    out = {}
+    for i, block in enumerate(encoder_layers(model)):
+        gone = _bypassed(block, fam)
+        if gone:
+            out[i] = gone
+    return out
+
+
+def _bypassed(layer: nn.Module, fam: Family) -> list[str]:
+    """The sublayers of ``layer`` replaced by a bypass module (``"attention"``, ``"ffn"``)."""
+    return [w for w, sub in fam.sublayers.items() if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False)]
+
+
 def intermediate_size(model: nn.Module) -> int:
     """Feed-forward neurons per layer of the unpruned architecture (the family's ``intermediate_key``)."""
     return int(getattr(model.config, prepare(model).intermediate_key))
@@ -517,7 +535,7 @@ def _whole(layer: nn.Module) -> Family:
     """The layer's family; raises for a layer with a removed sublayer (:mod:`prune_attattr.prune.sublayers`),
     which the runners below, written for a layer's full structure, cannot finish."""
     fam = _family_of_layer(layer)
-    gone = [w for w, sub in fam.sublayers.items() if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False)]
+    gone = _bypassed(layer, fam)
     if gone:
         raise ModelError(
             f"this layer's {' and '.join(gone)} sublayer was removed; attribution fast paths, least squares and the "

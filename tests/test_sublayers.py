@@ -146,3 +146,66 @@ def test_onnx_equals_pytorch_without_the_removed_operators(kind, tmp_path):
     assert norms == (4 if family_of(model).sublayers["ffn"].residual else 0)
     batches = [tiny_batch(seed=s, batch=b, seq=t, kind=kind) for s, b, t in ((2, 1, 5), (3, 5, 19), (4, 3, 11))]
     assert check_onnx(removed, path, batches) <= 1e-4
+
+
+# ---- importance of whole sublayers ---------------------------------------------------------------
+
+
+def _loader(kind="bert", n=6):
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    batch = tiny_batch(kind=kind, batch=n, seq=9)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    accelerator = Accelerator(cpu=True)
+    return DataLoader(rows, batch_size=4), accelerator, batch
+
+
+def _objective(model, batch, gates, objective):
+    from prune_attattr.importance.attattr import _target_prob
+
+    with torch.no_grad():
+        logits = forward_logits(model, batch, AttentionControl(sublayer_gate=gates) if gates else None)
+    return _target_prob(logits, batch["labels"], objective)
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "modernbert"])
+def test_sublayer_attributions_are_complete_per_layer(kind):
+    """Integrated gradients over a layer's two gates add up to F(model) - F(that layer removed)."""
+    from prune_attattr.importance.sublayers import sublayer_attributions
+
+    model = tiny_model(kind, init=0.05)  # weights of a trained model's size: a smooth path in alpha
+    loader, accelerator, batch = _loader(kind)
+    attr = sublayer_attributions(model, loader, accelerator, steps=64, quadrature="gauss", objective="log_prob", description=None)
+    assert attr.shape == (6, 3, 2)
+    whole = _objective(model, batch, {}, "log_prob")
+    for layer in range(3):
+        gone = _objective(model, batch, {(layer, w): torch.tensor(0.0) for w in ("attention", "ffn")}, "log_prob")
+        assert torch.allclose(attr[:, layer].sum(-1), whole - gone, atol=2e-3), (layer, attr[:, layer].sum(-1), whole - gone)
+    # the paper's left Riemann sum of 20 steps approximates the same integral (error O(1/m))
+    left = sublayer_attributions(model, loader, accelerator, steps=20, objective="log_prob", description=None)
+    error = float((left - attr).abs().max()) / float(attr.abs().max())
+    assert 0 < error < 0.25, error
+
+
+def test_sublayer_gradients_are_the_loss_derivative_and_removed_sublayers_score_zero():
+    from prune_attattr.importance.sublayers import (
+        sublayer_gradients,
+        sublayer_importance,
+    )
+
+    model = tiny_model()
+    loader, accelerator, batch = _loader()
+    grads = sublayer_gradients(model, loader, accelerator, description=None)
+    eps = 1e-3
+    for layer, w in ((0, "attention"), (1, "ffn"), (2, "ffn")):
+        up = -_objective(model, batch, {(layer, w): torch.tensor(1 + eps)}, "log_prob")
+        down = -_objective(model, batch, {(layer, w): torch.tensor(1 - eps)}, "log_prob")
+        fd = (up - down) / (2 * eps)  # per-example d(cross-entropy)/dg
+        assert torch.allclose(grads[:, layer, ("attention", "ffn").index(w)], fd, atol=1e-3, rtol=1e-3), (layer, w)
+    removed = remove_sublayers(copy.deepcopy(model), {1: ["ffn"]})
+    for method in ("taylor", "fisher", "attattr", "random"):
+        scores = sublayer_importance(method, removed, loader, accelerator, steps=4, progress=False)
+        assert scores.shape == (3, 2) and scores[1, 1] == 0 and (scores[[0, 1, 2], [0, 0, 1]] > 0).all(), method
+    with pytest.raises(ValueError, match="does not score whole sublayers"):
+        sublayer_importance("accuracy_difference", model, loader, accelerator)

@@ -40,7 +40,7 @@ from ..families import (
     get_path,
     set_path,
 )
-from ..models import encoder_layers, intermediate_size, prepare
+from ..models import encoder_layers, intermediate_size, prepare, removed_sublayers
 from .heads import prune_heads
 from .neurons import prune_neurons
 
@@ -97,20 +97,7 @@ def bypass_children(fam: Family, which: str) -> list[str]:
 
 
 def _is_bypassed(block: nn.Module, fam: Family, which: str) -> bool:
-    return bool(getattr(get_path(block, fam.sublayers[which].bypass), "_prune_attattr_bypass", False))
-
-
-def removed_sublayers(model: nn.Module) -> dict[int, list[str]]:
-    """The sublayers removed so far, ``{layer: ["attention", "ffn"]}`` (layers with none omitted)."""
-    fam = prepare(model)
-    if not fam.sublayers:
-        return {}
-    out = {}
-    for i, block in enumerate(encoder_layers(model)):
-        gone = [w for w in SUBLAYERS if _is_bypassed(block, fam, w)]
-        if gone:
-            out[i] = gone
-    return out
+    return getattr(get_path(block, fam.sublayers[which].bypass), "_prune_attattr_bypass", False) is True
 
 
 def _bypass(block: nn.Module, fam: Family, which: str) -> None:
