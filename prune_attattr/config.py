@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .registry import DEFAULT_METHODS, METHODS, NEURON_METHODS
+from .registry import DEFAULT_METHODS, METHODS, NEURON_METHODS, SUBLAYER_METHODS
 
 __all__ = ["RecipeError", "Recipe", "load_recipe", "apply_overrides"]
 
@@ -222,6 +222,20 @@ class PruningSettings(_Strict):
         "one_shot",
         description="iterative: for export.method, prune a step (units heads: pruning.step_fraction of the heads; neurons or both: "
         "the next pruning.flops_steps budget), recover briefly (recovery.iterative_examples), re-score with the same method, prune again",
+    )
+
+    sublayers: bool = Field(
+        False,
+        description="units both: the search may also remove whole attention and feed-forward sublayers (the identity; "
+        "prune_attattr.prune.sublayers), scored by the same method, each present sublayer costing pruning.sublayer_cost",
+    )
+    sublayer_cost: float = Field(
+        0.02,
+        ge=0,
+        le=0.5,
+        description="pruning.sublayers: what one present sublayer costs beyond its units (norm, residual, per-operator time), as a "
+        "fraction of the unpruned model's FLOPs per token; the budgets of flops_steps then count it. 0.02: measured for int8 "
+        "on 2 cores (benchmarks/sublayer_cost.py, docs/benchmarks.md)",
     )
 
     @field_validator("flops_steps")
@@ -557,8 +571,23 @@ class Recipe(_Strict):
             raise ValueError("export.heads and export.flops both choose the exported model: set one of them")
         if e.heads is not None and self.pruning.units != "heads":
             raise ValueError(f"export.heads counts heads only; with pruning.units '{self.pruning.units}' use export.flops")
+        self._sublayer_checks()
         self._recovery_checks()
         return self
+
+    def _sublayer_checks(self) -> None:
+        """Cross-field checks of ``pruning.sublayers`` (raises ValueError)."""
+        p = self.pruning
+        if not p.sublayers:
+            return
+        if p.units != "both":
+            raise ValueError(f"pruning.sublayers removes whole sublayers beside heads and neurons: set pruning.units both (is '{p.units}')")
+        if p.schedule != "one_shot":
+            raise ValueError("pruning.sublayers runs with pruning.schedule one_shot (the iterative schedule re-scores a model whose removed sublayers its runners do not handle)")
+        if self.recovery.enabled and self.recovery.mode != "distill":
+            raise ValueError("pruning.sublayers recovers by distillation: least squares fits each layer's kept units and has none for a removed sublayer; set recovery.mode distill")
+        if self.export.enabled and self.export.method not in SUBLAYER_METHODS:
+            raise ValueError(f"pruning.sublayers: export.method '{self.export.method}' does not score whole sublayers; use one of {list(SUBLAYER_METHODS)}")
 
     def _recovery_checks(self) -> None:
         """Cross-field checks of ``recovery`` and ``pruning.schedule`` (raises ValueError)."""

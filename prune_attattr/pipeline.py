@@ -7,6 +7,7 @@
     evaluate the unpruned model                              -> stages.prepare.evaluate_unpruned
     head importance, one method at a time                    -> stages.importance.importance_stage
     neuron importance (pruning.units neurons or both)        -> stages.importance.neuron_importance_stage
+    sublayer importance (pruning.sublayers)                  -> stages.importance.sublayer_importance_stage
     pruning curves                                           -> stages.curves.curves_stage
     recovery of export candidates, budget search (recipe's
       ``recovery`` section; every process)                   -> stages.recovery.recovery_stage
@@ -44,7 +45,7 @@ from .stages.analyses import analyses_stage
 from .stages.context import Prepared, RunContext
 from .stages.curves import curves_stage, iterative_curve
 from .stages.export import ExportChoice, choose_export, export_stage, save_export
-from .stages.importance import importance_stage, neuron_importance_stage
+from .stages.importance import importance_stage, neuron_importance_stage, sublayer_importance_stage
 from .stages.prepare import check_run, evaluate_unpruned, prepare
 from .stages.recovery import RecoveryState, model_cost, recovery_stage, recovery_train_set
 from .stages.report import build_report, write_outputs
@@ -123,6 +124,7 @@ def run(recipe: Recipe, *, force: bool = False, recipe_source: str | None = None
             raise RunError(f"{refusal} (report without export: {final}/report.md)")
         scores = importance_stage(prep)
         neuron_scores = neuron_importance_stage(prep)
+        prep.sublayer_scores = sublayer_importance_stage(prep)
         recovery = RecoveryState() if r.recovery.enabled else None  # recovery (issue 10)
         curves = curves_stage(prep, scores, recovery, neuron_scores)
         recovered = recovery_stage(prep, scores, curves, baseline, recovery, neuron_scores) if recovery is not None else None

@@ -21,10 +21,11 @@ from prune_attattr.models import (
     intermediate_size,
     kept_heads,
     kept_neurons,
+    removed_sublayers,
 )
 from prune_attattr.prune.heads import count_parameters
 from prune_attattr.prune.neurons import prune_units
-from prune_attattr.prune.sublayers import remove_sublayers, removed_sublayers
+from prune_attattr.prune.sublayers import remove_sublayers
 
 REMOVE = {0: ["ffn"], 1: ["attention"], 2: ["attention", "ffn"]}  # layer 2 is gone entirely
 
@@ -209,3 +210,102 @@ def test_sublayer_gradients_are_the_loss_derivative_and_removed_sublayers_score_
         assert scores.shape == (3, 2) and scores[1, 1] == 0 and (scores[[0, 1, 2], [0, 0, 1]] > 0).all(), method
     with pytest.raises(ValueError, match="does not score whole sublayers"):
         sublayer_importance("accuracy_difference", model, loader, accelerator)
+
+
+# ---- the search with whole sublayers ---------------------------------------------------------------
+
+
+def test_search_with_sublayers():
+    from prune_attattr.prune.search import search_sublayers, search_units
+
+    torch.manual_seed(0)
+    L, H, N = 3, 4, 16
+    hs, ns = torch.rand(L, H) + 0.1, torch.rand(L, N) + 0.1
+    hc, nc, fixed = [10.0] * L, [1.0] * L, 5.0
+    full = fixed + H * 10 * L + N * L
+    never = torch.full((L, 2), 1e6)
+    plain = search_units(hs, ns, hc, nc, fixed, 0.5, units="both", balance="none")
+    # sublayers too important to remove and free: exactly the unit search
+    same = search_sublayers(hs, ns, never, hc, nc, fixed, 0.0, 0.5)
+    assert same.removed == {} and same.units == plain
+    # layer 1's feed-forward sublayer is worth nothing as a whole although its neurons score high
+    # (its units' estimates add up to more than removing it costs): it goes, and its budget buys heads
+    cheap = never.clone()
+    cheap[1, 1] = 0.0
+    got = search_sublayers(hs, ns, cheap, hc, nc, fixed, 0.0, 0.5)
+    assert got.removed == {1: ["ffn"]}
+    assert got.units.pruned_neurons[1] == list(range(N)) and got.units.importance >= 0
+    assert got.cost <= 0.5 * full + 1e-9 and got.objective > plain.importance
+    # a per-sublayer cost is paid by every present sublayer and budgeted: the same budget keeps fewer units
+    costly = search_sublayers(hs, ns, never, hc, nc, fixed, 8.0, 0.5)
+    assert costly.cost <= 0.5 * (full + 8.0 * 2 * L) + 1e-9
+    assert costly.units.heads_kept + costly.units.neurons_kept < plain.heads_kept + plain.neurons_kept
+    # already removed sublayers stay removed and their units are not candidates
+    kept_h = [list(range(H)), [], list(range(H))]
+    again = search_sublayers(hs, ns, never, hc, nc, fixed, 0.0, 0.5, kept_heads=kept_h, kept_neurons=[list(range(N))] * L, removed={1: ["attention"]})
+    assert again.removed == {1: ["attention"]} and again.units.pruned_heads[1] == list(range(H))
+    with pytest.raises(Exception, match="sublayer_scores must be"):
+        search_sublayers(hs, ns, torch.zeros(L, 3), hc, nc, fixed, 0.0, 0.5)
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+
+PIPELINE = """
+importance: {methods: [taylor, attattr, accuracy_difference], examples: 12, batch_size: 4, attattr: {steps: 2, quadrature: gauss, aggregate: sq_sum, objective: log_prob}}
+pruning: {units: both, flops_steps: [1.0, 0.6, 0.35], eval_batch_size: 8, sublayers: true, sublayer_cost: 0.2}
+export: {method: taylor, flops: 0.35, onnx: true, quantize: none}
+recovery: {enabled: true, mode: distill, train_examples: 48, batch_size: 16, epochs: 1}
+"""
+
+
+def test_pipeline_removes_sublayers_under_a_cost_budget_and_exports_them(tmp_path):
+    """With a per-sublayer cost of 0.2 of the FLOPs, six present sublayers cost more than a 35% budget allows:
+    the search must remove sublayers; the export carries them to the checkpoint and the ONNX graph."""
+    from _tiny_run import make_tiny_model_dir, tiny_recipe
+
+    from prune_attattr.cli import main
+
+    model_dir = make_tiny_model_dir(tmp_path / "m")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(model_dir, tmp_path / "out", tmp_path / "cache", run_name="s", sections=PIPELINE))
+    assert main([str(recipe), "--force"]) == 0
+    out = tmp_path / "out" / "s"
+    report = json.loads((out / "report.json").read_text())
+    for name in ("taylor", "attattr"):
+        steps = report["curves"][name]
+        assert steps[0]["removed_sublayers"] == {}
+        assert sum(len(v) for v in steps[-1]["removed_sublayers"].values()) >= 3, (name, steps[-1])
+        for s in steps[1:]:  # the cost budget: FLOPs plus 0.2 per present sublayer, as a fraction of the unpruned cost
+            present = 6 - sum(len(v) for v in s["removed_sublayers"].values())
+            assert (s["flops_fraction"] + 0.2 * present) / (1 + 0.2 * 6) <= s["budget"] + 1e-6
+    assert all(not s["removed_sublayers"] for s in report["curves"]["accuracy_difference"])  # heads only: no sublayer scores
+    exp = report["export"]
+    assert exp["removed_sublayers"] == report["curves"]["taylor"][-1]["removed_sublayers"]
+    from prune_attattr import load_pruned
+
+    model = load_pruned(out / "model")
+    assert {str(k): v for k, v in removed_sublayers(model).items()} == exp["removed_sublayers"]
+    assert exp["onnx"]["max_abs_diff"] < 1e-4
+    # a second run takes the sublayer scores and the removed steps from the cache
+    assert main([str(recipe), "--force"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert "sublayer importance: taylor" in again["reused"] and again["export"]["removed_sublayers"] == exp["removed_sublayers"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pruning.units=heads", "set pruning.units both"),
+        ("recovery.mode=least_squares", "set recovery.mode distill"),
+        ("pruning.schedule=iterative", "pruning.schedule one_shot"),
+    ],
+)
+def test_sublayer_settings_refused_with_one_line(tmp_path, override, message):
+    from _tiny_run import tiny_recipe
+
+    from prune_attattr.config import RecipeError, load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(tmp_path / "m", tmp_path / "out", tmp_path / "cache", sections=PIPELINE))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, [override])

@@ -40,13 +40,12 @@ from ..models import (
     run_layers,
 )
 from ..precision import autocast, resolve_precision
+from ..registry import SUBLAYER_METHODS
 from .attattr import _check_objective, _pad_id, _target_prob, quadrature_nodes
 from .batching import over_batches, sub_batches, token_budget
 
 __all__ = ["SUBLAYER_METHODS", "sublayer_attributions", "sublayer_gradients", "sublayer_importance"]
 
-#: Criteria that score whole sublayers.
-SUBLAYER_METHODS: tuple[str, ...] = ("attattr", "taylor", "fisher", "random")
 _SEED_OFFSET = 0x5851F42D
 
 

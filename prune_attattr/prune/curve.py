@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..models import kept_heads, kept_neurons, num_heads_total, removed_sublayers
 from .cost import UnitCosts, unit_flops
-from ..models import kept_heads, kept_neurons, num_heads_total
-from .neurons import pruned_neurons_of, prune_units
 from .heads import PruningStep, count_parameters, pruned_heads_of
-from .search import lowest_fraction, search_units
+from .neurons import prune_units, pruned_neurons_of
+from .search import lowest_fraction, search_sublayers, search_units
+from .sublayers import remove_sublayers
 
 __all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
 
@@ -62,14 +63,26 @@ def flops_fraction(model: nn.Module, costs: UnitCosts) -> float:
 
 def choose_units(
     model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, costs: UnitCosts, budget: float, units: str,
-    balance: str = "cost",
+    balance: str = "cost", sublayer_scores: torch.Tensor | None = None, sublayer_cost: float = 0.0,
 ):
     """The :class:`~prune_attattr.prune.search.UnitChoice` of ``units`` (heads, neurons, both) within ``budget``
     (fraction of the unpruned FLOPs per token) for ``model`` (its pruned units stay pruned).
 
+    With ``sublayer_scores`` (``[layers, 2]``, ``units="both"``) whole sublayers may go too: the
+    :class:`~prune_attattr.prune.search.SublayerChoice` of :func:`~prune_attattr.prune.search.search_sublayers`,
+    ``budget`` a fraction of the unpruned cost counting ``sublayer_cost`` (a fraction of the unpruned FLOPs
+    per token) per present sublayer.
+
     Raises:
         prune_attattr.prune.search.SearchError: a budget ``units`` cannot reach.
     """
+    if sublayer_scores is not None:
+        if units != "both" or neuron_scores is None:
+            raise ValueError("whole sublayers are searched with heads and neurons (units both, neuron scores given)")
+        return search_sublayers(
+            head_scores, neuron_scores, sublayer_scores, costs.head, costs.neuron, costs.fixed, sublayer_cost * costs.unpruned, budget,
+            kept_heads=kept_heads(model), kept_neurons=kept_neurons(model), removed=removed_sublayers(model), balance=balance,
+        )
     if neuron_scores is None:
         if units != "heads":
             raise ValueError(f"pruning {units} needs neuron scores")
@@ -92,6 +105,8 @@ def flops_curve(
     balance: str = "cost",
     on_step: Callable[[PruningStep], None] | None = None,
     rescore_fn: Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+    sublayer_scores: torch.Tensor | None = None,
+    sublayer_cost: float = 0.0,
 ) -> list[PruningStep]:
     """Prune ``model`` (a copy per step) to each FLOPs fraction and evaluate it.
 
@@ -108,6 +123,7 @@ def flops_curve(
         units: ``heads``, ``neurons`` or ``both``.
         seq_len: tokens per sequence for the cost model (the dev split's mean length).
         balance: how the search scales heads against neurons (:func:`balance_for`).
+        sublayer_scores, sublayer_cost: whole sublayers searched too (:func:`choose_units`; one-shot steps only).
 
     Returns:
         One :class:`~prune_attattr.prune.heads.PruningStep` per reachable fraction, with ``budget``,
@@ -126,8 +142,11 @@ def flops_curve(
         if rescore_fn is None:
             work = copy.deepcopy(model)
         if budget < 1.0:  # choose_units keeps pruned units pruned: a cumulative step only adds to them
-            choice = choose_units(work, head_scores, neuron_scores, costs, budget, units, balance)
-            prune_units(work, heads=choice.pruned_heads, neurons=choice.pruned_neurons)
+            choice = choose_units(work, head_scores, neuron_scores, costs, budget, units, balance, sublayer_scores, sublayer_cost)
+            picked = choice.units if sublayer_scores is not None else choice
+            prune_units(work, heads=picked.pruned_heads, neurons=picked.pruned_neurons)
+            if sublayer_scores is not None and choice.removed:
+                remove_sublayers(work, choice.removed)
         metrics = evaluate_fn(work)
         pruned_h = pruned_heads_of(work)
         step = PruningStep(
@@ -140,6 +159,7 @@ def flops_curve(
             pruned_neurons={str(k): v for k, v in pruned_neurons_of(work).items()},
             flops_fraction=flops_fraction(work, costs),
             budget=float(budget),
+            removed_sublayers={str(k): v for k, v in removed_sublayers(work).items()},
         )
         steps.append(step)
         if on_step is not None:

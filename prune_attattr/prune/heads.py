@@ -182,7 +182,8 @@ class PruningStep:
     (:func:`prune_attattr.prune.cost.unit_flops`; filled by the caller for head curves), ``budget``: the
     FLOPs fraction a budgeted step was searched for (None for head-count steps), ``loyalty``:
     ``{"label", "probability"}`` against the unpruned model (:func:`prune_attattr.evaluation.loyalty`;
-    filled by the caller, None when not measured).
+    filled by the caller, None when not measured), ``removed_sublayers``: whole sublayers removed
+    (``{layer: ["attention", "ffn"]}``, :mod:`prune_attattr.prune.sublayers`).
     """
 
     heads_pruned: int
@@ -195,6 +196,7 @@ class PruningStep:
     flops_fraction: float | None = None
     budget: float | None = None
     loyalty: dict[str, float] | None = None
+    removed_sublayers: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -49,12 +49,13 @@ the cost; the returned pruned sets are relative to the unpruned architecture and
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["UNITS", "BALANCE", "SearchError", "UnitChoice", "search_units", "lowest_fraction"]
+__all__ = ["BALANCE", "UNITS", "SearchError", "SublayerChoice", "UnitChoice", "lowest_fraction", "search_sublayers", "search_units"]
 
 UNITS = ("heads", "neurons", "both")
 BALANCE = ("cost", "none")
@@ -285,3 +286,130 @@ def _pruned(keep: torch.Tensor) -> dict[int, list[int]]:
         if gone:
             out[layer] = gone
     return out
+
+
+@dataclass(frozen=True)
+class SublayerChoice:
+    """The result of :func:`search_sublayers`: ``units`` (the :class:`UnitChoice` of the heads and neurons of
+    the sublayers kept, with every unit of a removed sublayer among its pruned ones), ``removed``
+    (``{layer: ["attention", "ffn"]}``, already removed ones included), ``cost`` (FLOPs per token plus
+    ``sublayer_cost`` per present sublayer) and ``objective`` (the kept units' importance minus, for
+    each newly removed sublayer, its score less its units' scores; see :func:`search_sublayers`)."""
+
+    units: UnitChoice
+    removed: dict[int, list[str]]
+    cost: float
+    objective: float
+
+
+def search_sublayers(
+    head_scores: torch.Tensor,
+    neuron_scores: torch.Tensor,
+    sublayer_scores: torch.Tensor,
+    head_cost: Sequence[float] | torch.Tensor,
+    neuron_cost: Sequence[float] | torch.Tensor,
+    fixed_cost: float,
+    sublayer_cost: float,
+    budget: float,
+    *,
+    kept_heads: Sequence[Sequence[int]] | None = None,
+    kept_neurons: Sequence[Sequence[int]] | None = None,
+    removed: dict[int, Sequence[str]] | None = None,
+    balance: str = "none",
+) -> SublayerChoice:
+    """Heads, neurons and whole sublayers under one budget (issue 21 item 1; CoFi, Xia et al. 2022, prunes
+    sublayers beside heads and neurons; Kwon et al. 2022 search units under one cost).
+
+    The cost of a model is its FLOPs per token plus ``sublayer_cost`` for every sublayer still present
+    (its norm, residual addition and per-operator time, which no unit carries); ``budget`` is a fraction of
+    the unpruned model's cost so counted (with ``sublayer_cost = 0``, of its FLOPs, as :func:`search_units`).
+
+    Each criterion's scores estimate the loss of removing a unit: removing every unit of sublayer ``s`` is
+    estimated at ``U_s`` (the sum of its units' scores), removing ``s`` itself (the identity) at its own
+    score ``S_s``. The estimated loss of a choice is the units' scores it removes from sublayers it keeps
+    plus ``S_s`` for every sublayer it removes, so it maximises ``kept importance + Σ_removed (U_s - S_s)``.
+    The units of a fixed set of removed sublayers are chosen by :func:`search_units` (exact for one cost
+    per kind); the set is grown greedily: while the budget cannot be met, the lowest-scored sublayer goes;
+    then each round removes the one sublayer that raises the objective most, until none does (at most
+    ``2 L`` rounds of ``2 L`` searches, under a second for MiniLM).
+
+    Args:
+        sublayer_scores: ``[L, 2]`` importance of each layer's attention and feed-forward sublayer, in the
+            unit of the head and neuron scores (:func:`prune_attattr.importance.sublayers.sublayer_importance`).
+        balance: as :func:`search_units`; with ``"cost"`` the head and neuron weights are computed once,
+            on the units present at the start, and an attention sublayer's score takes the heads' weight,
+            a feed-forward one's the neurons' (each sublayer is compared with its own units on one scale).
+        sublayer_cost: per present sublayer, in FLOPs per token (>= 0).
+        removed: sublayers already removed (``{layer: names}``); their units must be absent from the kept lists.
+        Others as :func:`search_units`.
+
+    Raises:
+        SearchError: what :func:`search_units` raises, a bad ``sublayer_scores`` shape or cost, or a budget
+            that no set of removed sublayers reaches.
+    """
+    hc, nc = _as64(head_cost, "head_cost"), _as64(neuron_cost, "neuron_cost")
+    ss = _as64(sublayer_scores, "sublayer_scores")
+    hs, ns = _as64(head_scores, "head_scores"), _as64(neuron_scores, "neuron_scores")
+    layers = hc.shape[0]
+    if ss.shape != (layers, 2):
+        raise SearchError(f"sublayer_scores must be [layers, 2] = [{layers}, 2], got {tuple(ss.shape)}")
+    if not sublayer_cost >= 0:
+        raise SearchError(f"sublayer_cost must be >= 0 FLOPs per token, got {sublayer_cost}")
+    names = ("attention", "ffn")
+    if balance not in BALANCE:
+        raise SearchError(f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
+    hp = _candidates(hs, kept_heads, "heads")
+    npres = _candidates(ns, kept_neurons, "neurons")
+    wh, wn = _weight(hs, hc, hp, balance), _weight(ns, nc, npres, balance)
+    hs, ns, ss = hs * wh, ns * wn, ss * torch.tensor([[wh, wn]], dtype=torch.float64)
+    gone0 = {(int(k), w) for k, ws in (removed or {}).items() for w in ws}
+    full_flops = float(fixed_cost) + hs.shape[1] * float(hc.sum()) + ns.shape[1] * float(nc.sum())
+    full = full_flops + sublayer_cost * 2 * layers
+    units_of = {(layer, "attention"): float((hs[layer] * hp[layer]).sum()) for layer in range(layers)}
+    units_of.update({(layer, "ffn"): float((ns[layer] * npres[layer]).sum()) for layer in range(layers)})
+
+    def solve(gone: set[tuple[int, str]]):
+        kh = [[] if (layer, "attention") in gone else hp[layer].nonzero().flatten().tolist() for layer in range(layers)]
+        kn = [[] if (layer, "ffn") in gone else npres[layer].nonzero().flatten().tolist() for layer in range(layers)]
+        present = 2 * layers - len(gone)
+        allowed_flops = budget * full - sublayer_cost * present
+        if allowed_flops <= 0:
+            return None
+        try:
+            choice = search_units(hs, ns, hc, nc, fixed_cost, min(allowed_flops / full_flops, 1.0), units="both", kept_heads=kh, kept_neurons=kn, balance="none")
+        except SearchError:
+            return None
+        bonus = sum(units_of[s] - float(ss[s[0], names.index(s[1])]) for s in gone - gone0)
+        return choice, choice.importance + bonus, choice.flops + sublayer_cost * present
+
+    if not 0 < budget <= 1:
+        raise SearchError(f"the budget is a fraction in (0, 1], got {budget}")
+    gone = set(gone0)
+    best = solve(gone)
+    order = sorted(((float(ss[layer, j]), (layer, w)) for layer in range(layers) for j, w in enumerate(names)), key=lambda t: t[0])
+    for _, s in order:  # a budget the present sublayers' own cost exceeds: remove the lowest-scored ones until it fits
+        if best is not None:
+            break
+        if s not in gone:
+            gone.add(s)
+            best = solve(gone)
+    while True:
+        step = None
+        for _, s in order:
+            if s in gone:
+                continue
+            trial = solve(gone | {s})
+            if trial is not None and (best is None or trial[1] > best[1] + 1e-12) and (step is None or trial[1] > step[1][1]):
+                step = (s, trial)
+        if step is None:
+            break
+        gone.add(step[0])
+        best = step[1]
+    if best is None:
+        raise SearchError(f"a budget of {budget:.4g} (FLOPs plus {sublayer_cost:g} per sublayer) cannot be met even removing sublayers")
+    choice, objective, cost = best
+    choice = dataclasses.replace(choice, head_weight=wh, neuron_weight=wn)
+    out: dict[int, list[str]] = {}
+    for layer, w in sorted(gone, key=lambda s: (s[0], names.index(s[1]))):
+        out.setdefault(layer, []).append(w)
+    return SublayerChoice(units=choice, removed=out, cost=cost, objective=objective)

@@ -21,6 +21,7 @@ from ..cache import StageCache, digest, encoded_digest
 from ..config import Recipe
 from ..evaluation import Evaluation, evaluate_outputs, loyalty
 from ..progress import console
+from ..models import removed_sublayers
 from ..prune.neurons import pruned_neurons_of
 from ..prune.heads import pruned_heads_of
 from ..tasks import Encoded, Examples, make_dataloader
@@ -129,15 +130,19 @@ class Prepared:
     unpruned_latency: dict | None = None  # ONNX Runtime latency of ``model`` on the latency feeds, measured once
     dev_examples: Examples | None = None  # the dev split's texts and labels (the deployed ONNX model is evaluated on them)
     reference: Evaluation | None = None  # the unpruned model's dev evaluation with its logits [N, C] (reference_logits)
+    sublayer_scores: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> [layers, 2] (pruning.sublayers; importance stage)
 
 
 def pruned_key(model) -> list:
     """The pruned units of ``model`` as a stage-cache key part: ``[[layer, [heads, ...]], ...]``, sorted,
-    followed by ``["neurons", [[layer, [neurons, ...]], ...]]`` when feed-forward neurons are pruned (a
-    head-only model keeps the key it had before neurons could be pruned)."""
+    followed by ``["neurons", [[layer, [neurons, ...]], ...]]`` when feed-forward neurons are pruned and
+    ``["sublayers", [[layer, [names]], ...]]`` when whole sublayers are removed (a model without them keeps
+    the key it had before they could be)."""
     key = sorted((int(k), sorted(v)) for k, v in pruned_heads_of(model).items() if v)
     neurons = sorted((int(k), sorted(v)) for k, v in pruned_neurons_of(model).items() if v)
-    return key + [["neurons", neurons]] if neurons else key
+    key = key + [["neurons", neurons]] if neurons else key
+    sublayers = sorted((int(k), list(v)) for k, v in removed_sublayers(model).items())
+    return key + [["sublayers", sublayers]] if sublayers else key
 
 
 def mean_length(data: Encoded) -> float:

@@ -123,19 +123,22 @@ def _budget_curve(
     evaluate, counts, loyalties = _counting_evaluate(prep)
 
     def show(s):
+        gone = sum(len(v) for v in s.removed_sublayers.values())
         ctx.print(
-            f"   {name}: FLOPs {100 * s.flops_fraction:5.1f}% ({s.heads_kept} heads, {s.neurons_kept} neurons) -> "
-            f"{metric} {100 * s.metrics[metric]:.2f}%"
+            f"   {name}: FLOPs {100 * s.flops_fraction:5.1f}% ({s.heads_kept} heads, {s.neurons_kept} neurons"
+            + (f", {gone} sublayers removed" if gone else "") + f") -> {metric} {100 * s.metrics[metric]:.2f}%"
         )
 
     stage = f"pruning curve: {name}" + ("" if units == r.pruning.units or name != method else f" ({units} only)")
     if r.pruning.schedule == "iterative" and name == r.export.method and recovery is not None:  # issue 20 (d)
         with ctx.stage(stage + " (iterative, with recovery)"):
             return iterative_curve(prep, head_scores, method, recovery, neuron_scores=neuron_scores, units=units, seq_len=seq_len)
+    sublayers = prep.sublayer_scores.get(method) if units == r.pruning.units else None  # pruning.sublayers: the main curve only
     with ctx.stage(stage):
         steps = flops_curve(
             prep.model, head_scores, neuron_scores if units != "heads" else None, r.pruning.flops_steps, evaluate,
             units=units, seq_len=seq_len, balance=balance_for(method, r.pruning.balance, r.importance.attattr.aggregate), on_step=show,
+            sublayer_scores=sublayers, sublayer_cost=r.pruning.sublayer_cost,
         )
     if counts["reused"]:
         ctx.reused.append(f"{stage} ({counts['reused']}/{counts['steps']} steps)")

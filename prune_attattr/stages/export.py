@@ -21,6 +21,7 @@ from ..prune.cost import unit_flops
 from ..prune.curve import balance_for, choose_units, flops_fraction
 from ..models import forward_logits, input_names, kept_neurons, num_heads_total
 from ..prune.neurons import prune_units
+from ..prune.sublayers import remove_sublayers
 from ..prune.heads import count_parameters, heads_to_prune
 from ..prune.search import SearchError
 from ..tasks import Encoded, make_dataloader
@@ -54,6 +55,7 @@ class ExportChoice:
     pruned_neurons: dict[int, list[int]] = field(default_factory=dict)
     flops_fraction: float | None = None
     loyalty: dict | None = None  # {"label", "probability"} against the unpruned model (float32 PyTorch, dev split)
+    removed_sublayers: dict[int, list[str]] = field(default_factory=dict)  # pruning.sublayers: {layer: ["attention", "ffn"]}
 
     def info(self, total: int) -> dict:
         return {
@@ -63,6 +65,7 @@ class ExportChoice:
             "pruned_heads": {str(k): v for k, v in self.pruned_heads.items()},
             "neurons_kept": sum(len(n) for n in kept_neurons(self.model)),
             "pruned_neurons": {str(k): v for k, v in self.pruned_neurons.items()},
+            "removed_sublayers": {str(k): v for k, v in self.removed_sublayers.items()},
             "flops_fraction": self.flops_fraction,
             "metrics": self.metrics,
             "loyalty": self.loyalty,
@@ -97,9 +100,10 @@ def exact_heads_target(prep: Prepared, scores: torch.Tensor, curve: list) -> tup
 
 
 def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torch.Tensor | None, curve: list):
-    """The model ``export.heads`` or ``export.flops`` asks for: ``(index, pruned_heads, pruned_neurons, rule)``
-    with ``index`` the curve step that is that model, or None when no step is (the units are then chosen
-    like the curve's: the lowest-scored heads, or :func:`prune_attattr.prune.curve.choose_units` at that budget).
+    """The model ``export.heads`` or ``export.flops`` asks for: ``(index, pruned_heads, pruned_neurons,
+    removed_sublayers, rule)`` with ``index`` the curve step that is that model, or None when no step is (the
+    units are then chosen like the curve's: the lowest-scored heads, or
+    :func:`prune_attattr.prune.curve.choose_units` at that budget, whole sublayers too with ``pruning.sublayers``).
 
     Raises:
         RunError: ``export.heads`` above the model's head count; an ``export.flops`` budget the curve's
@@ -108,29 +112,35 @@ def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torc
     e, r = prep.ctx.recipe.export, prep.ctx.recipe
     if e.heads is not None:
         index, pruned = exact_heads_target(prep, head_scores, curve)
-        return index, pruned, {}, f"exactly {e.heads} heads kept"
+        return index, pruned, {}, {}, f"exactly {e.heads} heads kept"
     budget = float(e.flops)
     rule = f"FLOPs per token at most {100 * budget:g}% of the unpruned model's"
     index = next((i for i, s in enumerate(curve) if s.budget is not None and abs(s.budget - budget) < 1e-9), None)
     if index is not None:
         s = curve[index]
-        return index, {int(k): v for k, v in s.pruned_heads.items()}, {int(k): v for k, v in s.pruned_neurons.items()}, rule
+        return index, _ints(s.pruned_heads), _ints(s.pruned_neurons), _ints(s.removed_sublayers), rule
     units = r.pruning.units if neuron_scores is not None else "heads"
+    sublayers = prep.sublayer_scores.get(e.method) if units == "both" else None
     try:
         costs = unit_flops(prep.model, mean_length(prep.dev_enc))
-        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance_for(e.method, r.pruning.balance, r.importance.attattr.aggregate))
+        balance = balance_for(e.method, r.pruning.balance, r.importance.attattr.aggregate)
+        choice = choose_units(prep.model, head_scores, neuron_scores, costs, budget, units, balance, sublayers, r.pruning.sublayer_cost)
     except SearchError as exc:
         raise RunError(f"export.flops {budget:g}: {exc}") from None
-    return None, choice.pruned_heads, choice.pruned_neurons, rule
+    if sublayers is not None:
+        return None, choice.units.pruned_heads, choice.units.pruned_neurons, choice.removed, rule
+    return None, choice.pruned_heads, choice.pruned_neurons, {}, rule
 
 
-def prune_copy(prep: Prepared, pruned_heads: dict, pruned_neurons: dict | None = None) -> torch.nn.Module:
-    """A structurally pruned copy of the prepared model (heads and neurons, original ids)."""
-    return prune_units(
-        copy.deepcopy(prep.model),
-        heads={int(k): v for k, v in pruned_heads.items()},
-        neurons={int(k): v for k, v in (pruned_neurons or {}).items()},
-    )
+def _ints(d: dict) -> dict:
+    return {int(k): v for k, v in d.items()}
+
+
+def prune_copy(prep: Prepared, pruned_heads: dict, pruned_neurons: dict | None = None, sublayers: dict | None = None) -> torch.nn.Module:
+    """A structurally pruned copy of the prepared model (heads and neurons, original ids; whole sublayers
+    ``{layer: ["attention", "ffn"]}`` removed)."""
+    model = prune_units(copy.deepcopy(prep.model), heads=_ints(pruned_heads), neurons=_ints(pruned_neurons or {}))
+    return remove_sublayers(model, _ints(sublayers)) if sublayers else model
 
 
 def within_budget(curve: list, metric: str, floor: float) -> list[int]:
@@ -148,21 +158,20 @@ def choose_export(prep: Prepared, scores: dict, curves: dict, baseline: dict, ne
     metric = ctx.metrics[0]
     curve = curves[e.method]
     if e.heads is not None or e.flops is not None:
-        index, pruned, neurons, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
+        index, pruned, neurons, sublayers, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
         step = curve[index] if index is not None else None
     else:
         within = within_budget(curve, metric, baseline[metric] - e.max_drop)
         step = curve[max(within)] if within else curve[0]
-        pruned = {int(k): v for k, v in step.pruned_heads.items()}
-        neurons = {int(k): v for k, v in step.pruned_neurons.items()}
+        pruned, neurons, sublayers = _ints(step.pruned_heads), _ints(step.pruned_neurons), _ints(step.removed_sublayers)
         rule = f"most pruned step with {metric} >= unpruned - {100 * e.max_drop:g} points"
-    pruned_model = prune_copy(prep, pruned, neurons)
+    pruned_model = prune_copy(prep, pruned, neurons, sublayers)
     if step is not None and step.loyalty is not None:
         metrics, loyal = step.metrics, step.loyalty
     else:  # off the curve, or a step measured without loyalty: evaluated (stage-cached)
         metrics, loyal, _ = cached_evaluation(prep, pruned_model)
     fraction = flops_fraction(pruned_model, unit_flops(prep.model, mean_length(prep.dev_enc)))
-    return ExportChoice(e.method, rule, pruned_model, pruned, metrics, neurons, fraction, loyal)
+    return ExportChoice(e.method, rule, pruned_model, pruned, metrics, neurons, fraction, loyal, sublayers)
 
 
 def latency_feeds(prep: Prepared) -> dict:

@@ -1,6 +1,7 @@
 """Stage "importance": head importance ``[layers, heads]`` of each method of ``importance.methods``, and
 feed-forward neuron importance ``[layers, neurons]`` of each method that scores neurons when
-``pruning.units`` (or ``compare_units``) prunes them.
+``pruning.units`` (or ``compare_units``) prunes them, and whole-sublayer importance ``[layers, 2]`` of
+each method that scores sublayers when ``pruning.sublayers`` is on.
 
 :func:`compute_importance` dispatches to :mod:`prune_attattr.importance`; :func:`cached_importance`
 keys each result on the model, the importance examples' tokens, the settings, the seed and the pruned
@@ -15,16 +16,20 @@ import torch
 from .. import importance as imp
 from ..cache import digest, encoded_digest
 from ..errors import RunError
-from ..registry import NEURON_METHODS
+from ..importance.sublayers import sublayer_importance
+from ..registry import NEURON_METHODS, SUBLAYER_METHODS
 from .context import STAGE_CACHE_VERSION, Prepared, RunContext, pruned_key
 
 __all__ = [
+    "cached_importance",
     "compute_importance",
     "compute_neuron_importance",
-    "cached_importance",
+    "compute_sublayer_importance",
     "importance_stage",
-    "neuron_methods",
     "neuron_importance_stage",
+    "neuron_methods",
+    "sublayer_importance_stage",
+    "sublayer_methods",
 ]
 
 
@@ -69,6 +74,18 @@ def compute_neuron_importance(method: str, model, loader, ctx: RunContext) -> to
     return neurons
 
 
+def compute_sublayer_importance(method: str, model, loader, ctx: RunContext) -> torch.Tensor:
+    """Whole-sublayer importance ``[layers, 2]`` of ``model`` by ``method`` (one of
+    :data:`prune_attattr.registry.SUBLAYER_METHODS`; AttAttr's steps, quadrature, objective and aggregate
+    as the head method's; :func:`prune_attattr.importance.sublayers.sublayer_importance`)."""
+    r = ctx.recipe
+    a = r.importance.attattr
+    return sublayer_importance(
+        method, model, loader, ctx.accelerator, steps=a.steps, quadrature=a.quadrature, objective=a.objective, aggregate=a.aggregate,
+        seed=r.seed, max_tokens_per_forward=r.importance.max_tokens_per_forward,
+    )
+
+
 def _importance_key(prep: Prepared, method: str, model, unit: str = "heads") -> str:
     r = prep.ctx.recipe
     # every importance setting but the method list (adding a method keeps the others' entries); the
@@ -82,13 +99,14 @@ def _importance_key(prep: Prepared, method: str, model, unit: str = "heads") -> 
             if a.get(name) == paper:
                 del a[name]
     settings.update(metrics=prep.ctx.metrics, seed=r.seed)
-    kind = "importance" if unit == "heads" else "neuron importance"
+    kind = {"heads": "importance", "neurons": "neuron importance", "sublayers": "sublayer importance"}[unit]
     return digest(kind, STAGE_CACHE_VERSION, prep.model_key, encoded_digest(prep.imp_enc), method, settings, pruned_key(model))
 
 
 def cached_importance(prep: Prepared, method: str, model=None, *, unit: str = "heads") -> tuple[torch.Tensor, bool]:
     """``(scores, reused)`` of ``method`` on ``model`` (default: the prepared model): head scores
-    ``[layers, heads]`` (``unit="heads"``) or neuron scores ``[layers, neurons]`` (``unit="neurons"``),
+    ``[layers, heads]`` (``unit="heads"``), neuron scores ``[layers, neurons]`` (``unit="neurons"``) or
+    sublayer scores ``[layers, 2]`` (``unit="sublayers"``),
     from the stage cache when the same model, examples and settings were scored before."""
     model = prep.model if model is None else model
     ctx = prep.ctx
@@ -96,7 +114,7 @@ def cached_importance(prep: Prepared, method: str, model=None, *, unit: str = "h
     hit = ctx.cached(key)
     if hit is not None:
         return torch.tensor(hit, dtype=torch.float32), True
-    compute = compute_importance if unit == "heads" else compute_neuron_importance
+    compute = {"heads": compute_importance, "neurons": compute_neuron_importance, "sublayers": compute_sublayer_importance}[unit]
     scores = compute(method, model, prep.imp_loader, ctx)
     ctx.store(key, scores.tolist())
     return scores, False
@@ -133,6 +151,29 @@ def neuron_importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
         name = f"neuron importance: {method}"
         with ctx.stage(name):
             scores[method], reused = cached_importance(prep, method, unit="neurons")
+        if reused:
+            ctx.reused.append(name)
+            ctx.print("   reused from cache")
+    return scores
+
+
+def sublayer_methods(recipe) -> list[str]:
+    """The methods of ``importance.methods`` whose whole sublayers are scored: those that score sublayers,
+    when ``pruning.sublayers`` is on (none otherwise)."""
+    p = recipe.pruning
+    if not (p.enabled and p.sublayers):
+        return []
+    return [m for m in recipe.importance.methods if m in SUBLAYER_METHODS]
+
+
+def sublayer_importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Whole-sublayer importance ``[layers, 2]`` per method of :func:`sublayer_methods` (each cached)."""
+    ctx = prep.ctx
+    scores: dict[str, torch.Tensor] = {}
+    for method in sublayer_methods(ctx.recipe):
+        name = f"sublayer importance: {method}"
+        with ctx.stage(name):
+            scores[method], reused = cached_importance(prep, method, unit="sublayers")
         if reused:
             ctx.reused.append(name)
             ctx.print("   reused from cache")

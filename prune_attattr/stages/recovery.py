@@ -26,8 +26,9 @@ from ..prune.cost import flops_per_token, unit_flops
 from ..errors import RunError
 from ..evaluation import evaluate_outputs
 from ..prune.curve import flops_fraction
-from ..models import kept_neurons, num_heads_total
+from ..models import kept_neurons, num_heads_total, removed_sublayers
 from ..prune.neurons import prune_units, pruned_neurons_of
+from ..prune.sublayers import remove_sublayers
 from ..prune.heads import count_parameters, pruned_heads_of
 from ..recover.distill import recover, recovery_dataloader, teacher_logits
 from ..recover.rescale import least_squares
@@ -182,25 +183,29 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
 
         counts = {"tried": 0, "reused": 0}
 
-        def start_model(i: int, pruned: dict, neurons: dict, on_curve: bool) -> tuple[torch.nn.Module, bool]:
+        def start_model(i: int, pruned: dict, neurons: dict, sublayers: dict, on_curve: bool) -> tuple[torch.nn.Module, bool]:
             """The pruned model candidate ``i`` recovers from, and whether it is an iterative snapshot's."""
             snaps = state.snapshots if on_curve else {}  # a step off the curve starts from the unpruned model
             if i in snaps:
                 return copy.deepcopy(snaps[i]), True
             base = snaps[i - 1] if i - 1 in snaps else model
             heads = {int(k): v for k, v in pruned.items()}
-            return prune_units(copy.deepcopy(base), heads=heads, neurons={int(k): v for k, v in neurons.items()}), base is not model
+            student = prune_units(copy.deepcopy(base), heads=heads, neurons={int(k): v for k, v in neurons.items()})
+            if sublayers:
+                remove_sublayers(student, {int(k): v for k, v in sublayers.items()})
+            return student, base is not model
 
         def describe(m: torch.nn.Module) -> str:
             heads = num_heads_total(model) - sum(len(v) for v in pruned_heads_of(m).values())
             if not by_flops:
                 return f"{heads} heads"
-            return f"{heads} heads, {sum(len(n) for n in kept_neurons(m))} neurons"
+            gone = sum(len(v) for v in removed_sublayers(m).values())
+            return f"{heads} heads, {sum(len(n) for n in kept_neurons(m))} neurons" + (f", {gone} sublayers removed" if gone else "")
 
-        def recovered_metric(i: int, off_curve: tuple[dict, dict] | None = None) -> float:
+        def recovered_metric(i: int, off_curve: tuple[dict, dict, dict] | None = None) -> float:
             on_curve = off_curve is None
-            pruned, neurons = (curve[i].pruned_heads, curve[i].pruned_neurons) if on_curve else off_curve
-            student, from_snapshot = start_model(i, pruned, neurons, on_curve)
+            pruned, neurons, sublayers = (curve[i].pruned_heads, curve[i].pruned_neurons, curve[i].removed_sublayers) if on_curve else off_curve
+            student, from_snapshot = start_model(i, pruned, neurons, sublayers, on_curve)
             key = _candidate_key(prep, state, student, from_snapshot)
             hit = ctx.cached_tensors(key)
             counts["tried"] += 1
@@ -246,12 +251,12 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
 
         sizes = [s.flops_fraction if by_flops else s.heads_kept for s in curve]
         if e.heads is not None or e.flops is not None:
-            index, pruned, neurons, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
+            index, pruned, neurons, sublayers, rule = export_target(prep, scores[e.method], (neuron_scores or {}).get(e.method), curve)
             if index is not None:
                 recovered_metric(index)
             else:
                 index = len(curve)  # a model off the curve
-                recovered_metric(index, (pruned, neurons))
+                recovered_metric(index, (pruned, neurons, sublayers))
             tried = [index]
             rule += ", after recovery"
         else:
@@ -302,6 +307,6 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
     }
     choice = ExportChoice(
         e.method, rule, chosen, pruned_heads_of(chosen), infos[index]["after"], pruned_neurons_of(chosen), exported["flops_fraction"],
-        infos[index]["loyalty"]["after"],
+        infos[index]["loyalty"]["after"], removed_sublayers(chosen),
     )
     return Recovered(choice, report)
