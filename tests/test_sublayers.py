@@ -228,14 +228,24 @@ def test_search_with_sublayers():
     # sublayers too important to remove and free: exactly the unit search
     same = search_sublayers(hs, ns, never, hc, nc, fixed, 0.0, 0.5)
     assert same.removed == {} and same.units == plain
-    # layer 1's feed-forward sublayer is worth nothing as a whole although its neurons score high
-    # (its units' estimates add up to more than removing it costs): it goes, and its budget buys heads
-    cheap = never.clone()
-    cheap[1, 1] = 0.0
-    got = search_sublayers(hs, ns, cheap, hc, nc, fixed, 0.0, 0.5)
-    assert got.removed == {1: ["ffn"]}
-    assert got.units.pruned_neurons[1] == list(range(N)) and got.units.importance >= 0
-    assert got.cost <= 0.5 * full + 1e-9 and got.objective > plain.importance
+    # a sublayer whose units are worth little goes when it has a cost of its own: the cost it frees buys
+    # units elsewhere; a sublayer score below its units' never makes removal look cheaper than that
+    weak = ns.clone()
+    weak[1] = 1e-4
+    got = search_sublayers(hs, weak, torch.zeros(L, 2), hc, nc, fixed, 8.0, 0.5)
+    kept_every = search_sublayers(hs, weak, never, hc, nc, fixed, 8.0, 0.5)
+    assert got.removed.get(1) == ["ffn"] and kept_every.removed == {}, got.removed
+    assert got.objective > kept_every.objective  # each removal raised the kept importance
+    assert got.units.pruned_neurons[1] == list(range(N))
+    assert got.cost <= 0.5 * (full + 8.0 * 2 * L) + 1e-9
+    keep_all = search_sublayers(hs, ns, torch.zeros(L, 2), hc, nc, fixed, 0.0, 0.5)
+    assert keep_all.removed == {} and keep_all.units == plain  # free sublayers, units that matter: nothing removed
+    # a sublayer scored above its units is protected by its score: removing it costs the difference
+    assert search_sublayers(hs, weak, torch.tensor([[1e6, 1e6], [1e6, 1e6], [1e6, 1e6]]), hc, nc, fixed, 8.0, 0.5).removed == {}
+    # a budget the present sublayers' own cost exceeds: the lowest-scored sublayers go first
+    order = torch.tensor([[5.0, 4.0], [3.0, 2.0], [1.0, 6.0]])
+    forced = search_sublayers(hs, ns, order * 1e6, hc, nc, fixed, 100.0, 0.3)  # room for two present sublayers
+    assert forced.removed == {0: ["ffn"], 1: ["attention", "ffn"], 2: ["attention"]}, forced.removed
     # a per-sublayer cost is paid by every present sublayer and budgeted: the same budget keeps fewer units
     costly = search_sublayers(hs, ns, never, hc, nc, fixed, 8.0, 0.5)
     assert costly.cost <= 0.5 * (full + 8.0 * 2 * L) + 1e-9

@@ -293,8 +293,8 @@ class SublayerChoice:
     """The result of :func:`search_sublayers`: ``units`` (the :class:`UnitChoice` of the heads and neurons of
     the sublayers kept, with every unit of a removed sublayer among its pruned ones), ``removed``
     (``{layer: ["attention", "ffn"]}``, already removed ones included), ``cost`` (FLOPs per token plus
-    ``sublayer_cost`` per present sublayer) and ``objective`` (the kept units' importance minus, for
-    each newly removed sublayer, its score less its units' scores; see :func:`search_sublayers`)."""
+    ``sublayer_cost`` per present sublayer) and ``objective`` (the kept units' importance less, for each
+    newly removed sublayer, what its score exceeds its units' by; see :func:`search_sublayers`)."""
 
     units: UnitChoice
     removed: dict[int, list[str]]
@@ -325,9 +325,15 @@ def search_sublayers(
     the unpruned model's cost so counted (with ``sublayer_cost = 0``, of its FLOPs, as :func:`search_units`).
 
     Each criterion's scores estimate the loss of removing a unit: removing every unit of sublayer ``s`` is
-    estimated at ``U_s`` (the sum of its units' scores), removing ``s`` itself (the identity) at its own
-    score ``S_s``. The estimated loss of a choice is the units' scores it removes from sublayers it keeps
-    plus ``S_s`` for every sublayer it removes, so it maximises ``kept importance + Σ_removed (U_s - S_s)``.
+    estimated at ``U_s`` (the sum of its units' scores), removing ``s`` itself (the identity, norm and
+    residual gone too) at its own score ``S_s``. The two are not on one footing (Taylor sums ``|∂L/∂m|``
+    per unit but takes ``|∂L/∂g|`` of the whole; on the SST-2 MiniLM Taylor's ``U_s`` of a feed-forward
+    sublayer exceeds its ``S_s`` many times, and trusting ``S_s`` removed one whole feed-forward sublayer per
+    budget step, 88.65% -> 84.52% at 78% FLOPs against 88.3% keeping them), so the estimate is
+    conservative: removing ``s`` is taken to lose ``max(U_s, S_s)``, at least what removing all its units
+    loses. The search maximises ``kept importance - Σ_removed max(0, S_s - U_s)``: a sublayer goes when
+    the budget it frees (its per-sublayer cost and its kept units') buys more importance elsewhere than
+    its kept units hold, and the sublayer scores order the removals the budget forces.
     The units of a fixed set of removed sublayers are chosen by :func:`search_units` (exact for one cost
     per kind); the set is grown greedily: while the budget cannot be met, the lowest-scored sublayer goes;
     then each round removes the one sublayer that raises the objective most, until none does (at most
@@ -379,7 +385,7 @@ def search_sublayers(
             choice = search_units(hs, ns, hc, nc, fixed_cost, min(allowed_flops / full_flops, 1.0), units="both", kept_heads=kh, kept_neurons=kn, balance="none")
         except SearchError:
             return None
-        bonus = sum(units_of[s] - float(ss[s[0], names.index(s[1])]) for s in gone - gone0)
+        bonus = -sum(max(0.0, float(ss[s[0], names.index(s[1])]) - units_of[s]) for s in gone - gone0)
         return choice, choice.importance + bonus, choice.flops + sublayer_cost * present
 
     if not 0 < budget <= 1:

@@ -98,6 +98,8 @@ def card_metadata(report: dict, folder: str):
     tags = ["text-classification", "pruning", "structured-pruning", "attention-head-pruning", "prune-attattr"]
     if exp.get("pruned_neurons"):
         tags.append("ffn-pruning")
+    if exp.get("removed_sublayers"):
+        tags.append("layer-pruning")
     if folder == "onnx":
         precision = ((exp.get("deployment") or {}).get("pruned") or {}).get("precision")
         tags += ["onnx", "onnxruntime"] + (["int8", "quantized"] if str(precision).startswith("int8") else [])
@@ -146,6 +148,9 @@ def _results(report: dict, folder: str) -> list[str]:
         f"| attention heads | {exp['heads_kept']} / {total_heads} | {total_heads} / {total_heads} |",
         f"| feed-forward neurons | {exp['neurons_kept']:,} / {neurons_total:,} | {neurons_total:,} / {neurons_total:,} |",
     ]
+    if exp.get("removed_sublayers"):
+        gone = exp["removed_sublayers"]
+        lines.append(f"| whole sublayers removed | {sum(len(v) for v in gone.values())} ({'; '.join(f'layer {k}: ' + ', '.join(v) for k, v in gone.items())}) | 0 |")
     if exp.get("flops_fraction") is not None:
         lines.append(f"| FLOPs per token (% of unpruned) | {100 * exp['flops_fraction']:.1f} | 100.0 |")
     lines.append(f"| parameters | {exp['parameters']:,} | {report['baseline_parameters']:,} |")

@@ -93,6 +93,8 @@ def print_report(report: dict, console) -> None:
     exp = report.get("export")
     if exp:
         neurons = f", {exp['neurons_kept']} neurons, {100 * exp['flops_fraction']:.0f}% FLOPs" if exp.get("flops_fraction") is not None and by_flops(report) else ""
+        if exp.get("removed_sublayers"):
+            neurons += f", {sum(len(v) for v in exp['removed_sublayers'].values())} whole sublayers removed"
         console.print(
             f"[bold]exported[/] {exp['method']} with {exp['heads_kept']}/{report['total_heads']} heads{neurons}: "
             f"{report['primary_metric']} {_pct(exp['metrics'][report['primary_metric']])}% "

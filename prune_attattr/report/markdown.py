@@ -70,6 +70,11 @@ def write_markdown(report: dict, path: Path, plot_name: str | None = "curves.png
                 f"- feed-forward neurons kept {exp['neurons_kept']}; pruned per layer: "
                 + ", ".join(f"layer {k}: {len(v)}" for k, v in exp["pruned_neurons"].items())
             )
+        if exp.get("removed_sublayers"):
+            lines.append(
+                "- whole sublayers removed (the identity; `prune_attattr_removed_sublayers` in `model/config.json`): "
+                + ", ".join(f"layer {k}: {' and '.join(v)}" for k, v in exp["removed_sublayers"].items())
+            )
         if exp.get("flops_fraction") is not None:
             lines.append(f"- FLOPs per token: {100 * exp['flops_fraction']:.1f}% of the unpruned model's (dev mean length)")
         lines.append(f"- {metric}: {_pct(exp['metrics'][metric])}% (unpruned {_pct(report['baseline'][metric])}%)")
