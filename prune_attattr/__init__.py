@@ -5,6 +5,7 @@ Library API (the CLI is a thin layer over it):
 - :func:`attention_attribution` - AttAttr scores ``[batch, layers, heads, seq, seq]`` (Hao et al. 2021, Eq. 2-3)
 - :func:`prune_heads` - structural head pruning for the encoder families in :mod:`prune_attattr.families`
 - :func:`prune_neurons`, :func:`prune_units` - structural feed-forward neuron pruning (and both units at once)
+- :func:`remove_sublayers` - structural removal of whole attention / feed-forward sublayers (the identity)
 - :func:`load_classifier`, :func:`load_pruned` - load a classifier / an exported pruned checkpoint
 - :mod:`prune_attattr.importance` - head importance: ``attattr``, ``taylor``, ``accuracy_difference``,
   ``attention``, ``random``
@@ -20,6 +21,7 @@ from .importance.attattr import attention_attribution
 from .loading import load_classifier
 from .models import kept_heads
 from .prune.neurons import prune_neurons, prune_units
+from .prune.sublayers import remove_sublayers
 from .pipeline import run
 from .prune.heads import heads_to_prune, prune_heads, pruning_curve
 from .recover.distill import recover
@@ -42,6 +44,7 @@ __all__ = [
     "prune_heads",
     "prune_neurons",
     "prune_units",
+    "remove_sublayers",
     "pruning_curve",
     "recover",
 ]
