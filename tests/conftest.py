@@ -24,6 +24,34 @@ except ImportError:
     pass
 """
 
+_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification
+out = {}
+for folder in sys.argv[1:]:
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    batch = torch.load(folder + "/batch.pt")
+    with torch.no_grad():
+        out[folder] = {"logits": model(**batch).logits.tolist(), "parameters": sum(p.numel() for p in model.parameters())}
+print(json.dumps(out))
+"""
+
+
+def load_with_stock_transformers(folders: list[str], tmp_path) -> dict:
+    """Load each saved folder with stock transformers alone (``trust_remote_code``; prune_attattr blocked, no
+    PYTHONPATH) in a fresh interpreter and run it on the ``batch.pt`` saved beside it:
+    ``{folder: {"logits": [[...]], "parameters": int}}``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    proc = subprocess.run([sys.executable, "-I", "-c", _STOCK_LOADER, *folders], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 FAMILY_KINDS = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "modernbert", "deberta-v2")
 NO_SEGMENTS = ("roberta", "xlm-roberta", "camembert", "distilbert", "modernbert", "deberta-v2")
 

@@ -6,15 +6,11 @@ prune_attattr and with stock transformers alone; ONNX == PyTorch. Refused types 
 """
 
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, NO_SEGMENTS, tiny_batch, tiny_config, tiny_model
+from conftest import FAMILY_KINDS, NO_SEGMENTS, load_with_stock_transformers, tiny_batch, tiny_config, tiny_model
 
 from prune_attattr import AttentionControl, attention_attribution, load_classifier, load_pruned, prune_heads, save_pruned
 from prune_attattr import importance as imp
@@ -189,19 +185,6 @@ def test_save_reload_and_onnx(kind, tmp_path):
     assert check_onnx(model, onnx, batches) <= 1e-4
 
 
-_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
-import json, sys, torch
-from transformers import AutoModelForSequenceClassification
-out = {}
-for folder in sys.argv[1:]:
-    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    batch = torch.load(folder + "/batch.pt")
-    with torch.no_grad():
-        out[folder] = model(**batch).logits.tolist()
-print(json.dumps(out))
-"""
-
-
 def test_stock_transformers_loads_every_family_without_prune_attattr(tmp_path):
     folders, want = [], {}
     for kind in FAMILY_KINDS:
@@ -214,13 +197,9 @@ def test_stock_transformers_loads_every_family_without_prune_attattr(tmp_path):
         with torch.no_grad():
             want[folder] = forward_logits(model, batch)
         folders.append(folder)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    proc = subprocess.run([sys.executable, "-I", "-c", _STOCK_LOADER, *folders], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = load_with_stock_transformers(folders, tmp_path)
     for folder in folders:
-        diff = float((torch.tensor(got[folder]) - want[folder]).abs().max())
+        diff = float((torch.tensor(got[folder]["logits"]) - want[folder]).abs().max())
         assert diff <= 1e-5, (folder, diff)
 
 

@@ -4,13 +4,10 @@ prune_attattr and with stock transformers alone; ONNX == PyTorch without the rem
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import BLOCK_PRUNE_ATTATTR, FAMILY_KINDS, tiny_batch, tiny_model
+from conftest import FAMILY_KINDS, load_with_stock_transformers, tiny_batch, tiny_model
 
 from prune_attattr import AttentionControl, load_classifier, load_pruned, save_pruned
 from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder
@@ -81,19 +78,6 @@ def test_bad_sublayers_refused_and_runners_refuse_removed_layers():
         attention_attribution(removed, tiny_batch(), steps=2)
 
 
-_STOCK_LOADER = BLOCK_PRUNE_ATTATTR + r"""
-import json, sys, torch
-from transformers import AutoModelForSequenceClassification
-out = {}
-for folder in sys.argv[1:]:
-    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
-    batch = torch.load(folder + "/batch.pt")
-    with torch.no_grad():
-        out[folder] = {"logits": model(**batch).logits.tolist(), "parameters": sum(p.numel() for p in model.parameters())}
-print(json.dumps(out))
-"""
-
-
 def test_save_reload_and_stock_transformers_without_prune_attattr(tmp_path):
     folders, want = [], {}
     for kind in FAMILY_KINDS:
@@ -114,11 +98,7 @@ def test_save_reload_and_stock_transformers_without_prune_attattr(tmp_path):
                 assert torch.equal(forward_logits(again, batch), want[folder][0]), (kind, loader.__name__)
         torch.save(batch, folder + "/batch.pt")
         folders.append(folder)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    proc = subprocess.run([sys.executable, "-I", "-c", _STOCK_LOADER, *folders], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = load_with_stock_transformers(folders, tmp_path)
     for folder in folders:
         diff = float((torch.tensor(got[folder]["logits"]) - want[folder][0]).abs().max())
         assert diff <= 1e-5, (folder, diff)

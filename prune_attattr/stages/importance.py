@@ -120,18 +120,23 @@ def cached_importance(prep: Prepared, method: str, model=None, *, unit: str = "h
     return scores, False
 
 
-def importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
-    """Head importance ``[layers, heads]`` per method of ``importance.methods`` (each cached)."""
+def _scoring_stage(prep: Prepared, methods: list[str], unit: str, label: str) -> dict[str, torch.Tensor]:
+    """``{method: scores}`` of ``unit`` for each of ``methods``, one stage ``"<label>: <method>"`` each (cached)."""
     ctx = prep.ctx
     scores: dict[str, torch.Tensor] = {}
-    for method in ctx.recipe.importance.methods:
-        name = f"importance: {method}"
+    for method in methods:
+        name = f"{label}: {method}"
         with ctx.stage(name):
-            scores[method], reused = cached_importance(prep, method)
+            scores[method], reused = cached_importance(prep, method, unit=unit)
         if reused:
             ctx.reused.append(name)
             ctx.print("   reused from cache")
     return scores
+
+
+def importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Head importance ``[layers, heads]`` per method of ``importance.methods`` (each cached)."""
+    return _scoring_stage(prep, list(prep.ctx.recipe.importance.methods), "heads", "importance")
 
 
 def neuron_methods(recipe) -> list[str]:
@@ -145,16 +150,7 @@ def neuron_methods(recipe) -> list[str]:
 
 def neuron_importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
     """Feed-forward neuron importance ``[layers, neurons]`` per method of :func:`neuron_methods` (each cached)."""
-    ctx = prep.ctx
-    scores: dict[str, torch.Tensor] = {}
-    for method in neuron_methods(ctx.recipe):
-        name = f"neuron importance: {method}"
-        with ctx.stage(name):
-            scores[method], reused = cached_importance(prep, method, unit="neurons")
-        if reused:
-            ctx.reused.append(name)
-            ctx.print("   reused from cache")
-    return scores
+    return _scoring_stage(prep, neuron_methods(prep.ctx.recipe), "neurons", "neuron importance")
 
 
 def sublayer_methods(recipe) -> list[str]:
@@ -168,13 +164,4 @@ def sublayer_methods(recipe) -> list[str]:
 
 def sublayer_importance_stage(prep: Prepared) -> dict[str, torch.Tensor]:
     """Whole-sublayer importance ``[layers, 2]`` per method of :func:`sublayer_methods` (each cached)."""
-    ctx = prep.ctx
-    scores: dict[str, torch.Tensor] = {}
-    for method in sublayer_methods(ctx.recipe):
-        name = f"sublayer importance: {method}"
-        with ctx.stage(name):
-            scores[method], reused = cached_importance(prep, method, unit="sublayers")
-        if reused:
-            ctx.reused.append(name)
-            ctx.print("   reused from cache")
-    return scores
+    return _scoring_stage(prep, sublayer_methods(prep.ctx.recipe), "sublayers", "sublayer importance")
