@@ -271,6 +271,7 @@ def test_pipeline_removes_sublayers_under_a_cost_budget_and_exports_them(tmp_pat
     assert all(not s["removed_sublayers"] for s in report["curves"]["accuracy_difference"])  # heads only: no sublayer scores
     exp = report["export"]
     assert exp["removed_sublayers"] == report["curves"]["taylor"][-1]["removed_sublayers"]
+    assert exp["rule"].startswith("cost (FLOPs per token plus 0.2 of the unpruned FLOPs per present sublayer) at most 35%")
     from prune_attattr import load_pruned
 
     model = load_pruned(out / "model")

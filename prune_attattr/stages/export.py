@@ -115,6 +115,8 @@ def export_target(prep: Prepared, head_scores: torch.Tensor, neuron_scores: torc
         return index, pruned, {}, {}, f"exactly {e.heads} heads kept"
     budget = float(e.flops)
     rule = f"FLOPs per token at most {100 * budget:g}% of the unpruned model's"
+    if r.pruning.sublayers:
+        rule = f"cost (FLOPs per token plus {r.pruning.sublayer_cost:g} of the unpruned FLOPs per present sublayer) at most {100 * budget:g}% of the unpruned model's"
     index = next((i for i, s in enumerate(curve) if s.budget is not None and abs(s.budget - budget) < 1e-9), None)
     if index is not None:
         s = curve[index]
