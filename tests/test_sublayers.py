@@ -300,3 +300,14 @@ def test_sublayer_settings_refused_with_one_line(tmp_path, override, message):
     recipe.write_text(tiny_recipe(tmp_path / "m", tmp_path / "out", tmp_path / "cache", sections=PIPELINE))
     with pytest.raises(RecipeError, match=message):
         load_recipe(recipe, [override])
+
+
+def test_sublayer_attributions_do_not_depend_on_the_token_bound():
+    """A bound below one example's steps copies still runs (one example per forward) and gives the same numbers."""
+    from prune_attattr.importance.sublayers import sublayer_attributions
+
+    model = tiny_model()
+    loader, accelerator, _ = _loader()
+    wide = sublayer_attributions(model, loader, accelerator, steps=5, description=None)
+    tight = sublayer_attributions(model, loader, accelerator, steps=5, max_tokens_per_forward=12, description=None)
+    assert torch.allclose(wide, tight, atol=1e-5)

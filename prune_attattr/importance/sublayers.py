@@ -136,7 +136,8 @@ def sublayer_attributions(
             :func:`~prune_attattr.importance.attattr.quadrature_nodes`).
         objective: ``"prob"`` (the paper's) or ``"log_prob"`` of the gold label.
         Others as :func:`sublayer_gradients`; the layers below ``l`` run once per example, the layers
-        from ``l`` on once per step (``steps`` copies per forward, within the token bound).
+        from ``l`` on once per step (``steps`` copies per forward, within the token bound, or one
+        example's copies when a single example's exceed it).
 
     Returns:
         ``[N, layers, 2]`` float32 (removed sublayers 0); unit: the objective's (probability or nats).
@@ -157,7 +158,9 @@ def sublayer_attributions(
         device = labels.device
         out = torch.zeros(labels.shape[0], n_layers, len(SUBLAYERS), device=device)
         a = alphas.to(device)
-        for index, sub in sub_batches(batch, max(max_tokens // steps, 1), pad):
+        longest = int(batch["attention_mask"].sum(-1).max()) if batch["attention_mask"].numel() else 1
+        # the steps copies of a group share one forward; one row's copies always fit, even past the bound
+        for index, sub in sub_batches(batch, max(max_tokens // steps, longest, 1), pad):
             r = len(index)
             rows = torch.tensor(index, device=device)
             with torch.no_grad(), autocast(device, precision):
