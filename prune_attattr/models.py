@@ -56,6 +56,7 @@ __all__ = [
     "forward_logits",
     "repeat_batch",
     "frozen",
+    "evaluating",
 ]
 
 
@@ -345,7 +346,7 @@ class _SublayerExit:
 
 def _install_sublayer_hooks(layer: nn.Module, sub, key: tuple[int, str]) -> None:
     """Put the gate hooks of sublayer ``key`` on its enter/exit modules once (a removed sublayer gets none)."""
-    if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False):
+    if _is_removed(layer, sub):
         return
     marker = f"_prune_attattr_sublayer_{key[1]}"
     if sub.residual:
@@ -439,9 +440,14 @@ def removed_sublayers(model: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def _is_removed(layer: nn.Module, sub) -> bool:
+    """Whether the :class:`~prune_attattr.families.Sublayer` ``sub`` of ``layer`` was replaced by a bypass module."""
+    return getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False) is True
+
+
 def _bypassed(layer: nn.Module, fam: Family) -> list[str]:
     """The sublayers of ``layer`` replaced by a bypass module (``"attention"``, ``"ffn"``)."""
-    return [w for w, sub in fam.sublayers.items() if getattr(get_path(layer, sub.bypass), "_prune_attattr_bypass", False)]
+    return [w for w, sub in fam.sublayers.items() if _is_removed(layer, sub)]
 
 
 def intermediate_size(model: nn.Module) -> int:
@@ -728,6 +734,22 @@ def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], control: At
     inputs = {k: batch[k] for k in input_names(model) if k in batch}
     with controlled(control):
         return model(**inputs).logits
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module, freeze: bool = True):
+    """``model`` in eval mode (and, with ``freeze``, its parameters without ``requires_grad``: :func:`frozen`)
+    inside the block; its training mode is restored afterwards, also on an error."""
+    was_training = model.training
+    model.eval()
+    try:
+        if freeze:
+            with frozen(model):
+                yield model
+        else:
+            yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

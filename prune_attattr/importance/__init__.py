@@ -48,6 +48,7 @@ from ..models import (
     classify,
     embed,
     encoder_layers,
+    evaluating,
     forward_logits,
     intermediate_size,
     kept_heads,
@@ -411,12 +412,8 @@ def accuracy_difference_importance(
                 base[rows] = classify(model, hidden).float()
         return base, out, batch["labels"]
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, freeze=False):
         base, masked, labels = over_batches(dataloader, accelerator, description, work)
-    finally:
-        model.train(was_training)
     base_metric = compute_metrics([primary], base.argmax(-1), labels)[primary]
     base_loss = float(nn.functional.cross_entropy(base, labels))
     scores = torch.zeros(n_layers, n_heads)
@@ -459,12 +456,8 @@ def attention_importance(
                 _put(table, index, layer, heads[layer], attribution_head_scores(probs, sub["attention_mask"]))
         return table
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, freeze=False):
         (per_example,) = over_batches(dataloader, accelerator, description, work)
-    finally:
-        model.train(was_training)
     return per_example.sum(0)
 
 

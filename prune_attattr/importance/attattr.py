@@ -52,7 +52,7 @@ from ..models import (
     embed,
     encoder_layers,
     forward_logits,
-    frozen,
+    evaluating,
     kept_heads,
     run_layers,
 )
@@ -449,13 +449,8 @@ def checked_run(
     if len(rows) == 0:
         return
     check_fits(rows.length, max_tokens)
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            yield from run(model, batch, rows, steps, target, layers, quadrature, *budget, precision, objective)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        yield from run(model, batch, rows, steps, target, layers, quadrature, *budget, precision, objective)
 
 
 def _place(groups: list[GroupAttribution], rows: Rows, bsz: int, device) -> tuple[torch.Tensor, torch.Tensor]:

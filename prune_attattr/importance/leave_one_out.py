@@ -29,7 +29,7 @@ from ..models import (
     classify,
     embed,
     encoder_layers,
-    frozen,
+    evaluating,
     kept_heads,
     kept_neurons,
     logits_from_layer,
@@ -174,13 +174,8 @@ def leave_one_out(
                 base[rows] = classify(model, hidden).float()
         return base, out, batch["labels"]
 
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            base, masked, labels = over_batches(dataloader, accelerator, description, work)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        base, masked, labels = over_batches(dataloader, accelerator, description, work)
     primary = metrics[0]
     labels = labels.long()
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..attention import AttentionControl
-from ..models import encoder_layers, forward_logits, frozen, intermediate_size, kept_heads, kept_neurons
+from ..models import encoder_layers, evaluating, forward_logits, intermediate_size, kept_heads, kept_neurons
 from ..precision import autocast, resolve_precision
 from .attattr import _pad_id
 from .batching import over_batches, sub_batches, token_budget
@@ -99,11 +99,6 @@ def mask_gradients(
                 _put(out[-1], index, layer, neuron_ids[layer], g)
         return tuple(out)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            gathered = over_batches(dataloader, accelerator, description, work)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        gathered = over_batches(dataloader, accelerator, description, work)
     return (gathered[0] if heads else None), (gathered[-1] if neurons else None)

@@ -34,7 +34,7 @@ from ..models import (
     embed,
     encoder_layers,
     forward_logits,
-    frozen,
+    evaluating,
     removed_sublayers,
     repeat_batch,
     run_layers,
@@ -55,13 +55,8 @@ def _present(model: nn.Module) -> list[tuple[int, str]]:
 
 
 def _run(model, dataloader, accelerator, description, work):
-    was_training = model.training
-    model.eval()
-    try:
-        with frozen(model):
-            return over_batches(dataloader, accelerator, description, work)[0]
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        return over_batches(dataloader, accelerator, description, work)[0]
 
 
 def _gold(batch: dict) -> torch.Tensor:
@@ -214,7 +209,7 @@ def sublayer_importance(
         ValueError: a method that does not score sublayers (:data:`SUBLAYER_METHODS`), or what the
             functions above raise.
     """
-    from . import _check_aggregate
+    from . import _check_aggregate, aggregate_examples
 
     if method not in SUBLAYER_METHODS:
         raise ValueError(f"importance method '{method}' does not score whole sublayers; use one of {list(SUBLAYER_METHODS)}")
@@ -233,6 +228,4 @@ def sublayer_importance(
         model, dataloader, accelerator, steps=steps, quadrature=quadrature, objective=objective, **bound,
         description="AttAttr sublayer importance" if progress else None,
     )
-    if aggregate in ("max", "sum"):
-        return attr.sum(0) * present
-    return (attr.abs() if aggregate == "abs_sum" else attr.pow(2)).sum(0) * present
+    return aggregate_examples(attr, attr, aggregate) * present  # a gate is one number: its max is its sum

@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..families import SUBLAYERS
+
 __all__ = ["BALANCE", "UNITS", "SearchError", "SublayerChoice", "UnitChoice", "lowest_fraction", "search_sublayers", "search_units"]
 
 UNITS = ("heads", "neurons", "both")
@@ -361,9 +363,11 @@ def search_sublayers(
         raise SearchError(f"sublayer_scores must be [layers, 2] = [{layers}, 2], got {tuple(ss.shape)}")
     if not sublayer_cost >= 0:
         raise SearchError(f"sublayer_cost must be >= 0 FLOPs per token, got {sublayer_cost}")
-    names = ("attention", "ffn")
+    names = SUBLAYERS
     if balance not in BALANCE:
         raise SearchError(f"balance must be one of {', '.join(BALANCE)}, got {balance!r}")
+    if not 0 < budget <= 1:
+        raise SearchError(f"the budget is a fraction in (0, 1], got {budget}")
     hp = _candidates(hs, kept_heads, "heads")
     npres = _candidates(ns, kept_neurons, "neurons")
     wh, wn = _weight(hs, hc, hp, balance), _weight(ns, nc, npres, balance)
@@ -388,8 +392,6 @@ def search_sublayers(
         bonus = -sum(max(0.0, float(ss[s[0], names.index(s[1])]) - units_of[s]) for s in gone - gone0)
         return choice, choice.importance + bonus, choice.flops + sublayer_cost * present
 
-    if not 0 < budget <= 1:
-        raise SearchError(f"the budget is a fraction in (0, 1], got {budget}")
     gone = set(gone0)
     best = solve(gone)
     order = sorted(((float(ss[layer, j]), (layer, w)) for layer in range(layers) for j, w in enumerate(names)), key=lambda t: t[0])

@@ -96,10 +96,6 @@ def bypass_children(fam: Family, which: str) -> list[str]:
     return names
 
 
-def _is_bypassed(block: nn.Module, fam: Family, which: str) -> bool:
-    return getattr(get_path(block, fam.sublayers[which].bypass), "_prune_attattr_bypass", False) is True
-
-
 def _bypass(block: nn.Module, fam: Family, which: str) -> None:
     sub = fam.sublayers[which]
     old = get_path(block, sub.bypass)
@@ -139,7 +135,7 @@ def remove_sublayers(model: nn.Module, sublayers: Mapping[int | str, Sequence[st
         if bad:
             raise ValueError(f"sublayer name(s) {bad} of layer {layer}: use {' or '.join(repr(s) for s in SUBLAYERS)}")
         for which in SUBLAYERS:
-            if which not in names or _is_bypassed(layers[layer], fam, which):
+            if which not in names or which in removed_sublayers(model).get(layer, []):
                 continue
             if which == "attention":
                 prune_heads(model, {layer: list(range(model.config.num_attention_heads))})
