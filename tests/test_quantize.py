@@ -65,6 +65,7 @@ def test_int8_logits_close_to_float_every_family(kind, tmp_path):
         fused = info["fusion"][precision]
         assert fused["fused"], fused["note"]
         assert {"Attention", "MultiHeadAttention"} & set(fused["ops"])
+        assert "SkipLayerNormalization" not in fused["ops"]  # split back: faster on CPU (deploy/layer_norm.py)
     s32, s8 = session(folder / "model_fp32.onnx"), session(folder / "model.onnx")
     for batch in (tiny_batch(seed=7, batch=8, seq=13, kind=kind), tiny_batch(seed=8, batch=8, seq=30, kind=kind)):
         with torch.no_grad():
@@ -76,6 +77,80 @@ def test_int8_logits_close_to_float_every_family(kind, tmp_path):
         margin = np.abs(ref[:, 0] - ref[:, 1])
         sure = margin > 2 * tol  # where the float margin exceeds twice the error bound, int8 cannot flip
         assert np.array_equal(got.argmax(1)[sure], ref.argmax(1)[sure])
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_split_skip_layer_norm_equals_the_fused_graph_and_stays_split(kind, tmp_path):
+    """The split graph computes what onnxscript's SkipLayerNormalization graph computes, and ONNX Runtime does
+    not fuse it back when a session loads it (the optimized graph a session runs has no SkipLayerNormalization)."""
+    import onnx
+
+    from prune_attattr.deploy.quantize import contrib_ops, fuse
+
+    _, raw = _export(kind, tmp_path / "onnx")
+    fused = fuse(raw, tmp_path / "skip.onnx", skip_layer_norm=True)
+    split = fuse(raw, tmp_path / "split.onnx")
+    assert fused.get("SkipLayerNormalization", 0) > 0 and "SkipLayerNormalization" not in split
+
+    def norms(path):
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        return ops.count("LayerNormalization") + ops.count("SkipLayerNormalization")
+
+    assert norms(tmp_path / "split.onnx") == norms(tmp_path / "skip.onnx")
+    a, b = session(tmp_path / "skip.onnx"), session(tmp_path / "split.onnx")
+    for batch in (tiny_batch(seed=7, batch=8, seq=13, kind=kind), tiny_batch(seed=8, batch=1, seq=30, kind=kind)):
+        assert np.abs(logits(a, batch) - logits(b, batch)).max() <= 1e-5
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "split.onnx"), opts, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" not in contrib_ops(tmp_path / "optimized.onnx")
+
+
+def _skip_norm_graph(bias: bool, use_sum: bool, use_mean: bool = False, opset: int = 18):
+    """One SkipLayerNormalization on x, skip [B, T, 8] (symbolic B, T); outputs its norm, and its sum or mean when asked."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=8).astype(np.float32), n) for n in ("gamma", "beta", "bias")]
+    outs = ["y", "mean" if use_mean else "", "", "sum" if use_sum else ""]
+    node = helper.make_node(
+        "SkipLayerNormalization", ["x", "skip", "gamma", "beta"] + (["bias"] if bias else []), outs, domain="com.microsoft", epsilon=1e-5, name="sln"
+    )
+    nodes = [node]
+    if use_sum:
+        nodes.append(helper.make_node("Mul", ["sum", "sum"], ["sum2"]))  # a second consumer, as a pre-norm residual
+    value = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "t", 8])
+    graph_outs = [value("y")] + ([value("sum2")] if use_sum else []) + ([helper.make_tensor_value_info("mean", TensorProto.FLOAT, None)] if use_mean else [])
+    graph = helper.make_graph(nodes, "g", [value("x"), value("skip")], graph_outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("bias, use_sum", [(True, False), (False, False), (True, True), (False, True)])
+def test_split_skip_layer_norm_every_form(bias, use_sum, tmp_path):
+    """Every form of the split (bias or not; the sum output consumed, as pre-norm graphs do) gives ONNX Runtime's
+    fused kernel's outputs, and a session does not fuse it back; a consumed mean, or opset < 17, stays fused."""
+    import onnx
+
+    from prune_attattr.deploy.layer_norm import split_skip_layer_norm
+    from prune_attattr.deploy.quantize import contrib_ops
+
+    fused = _skip_norm_graph(bias, use_sum)
+    split = _skip_norm_graph(bias, use_sum)
+    assert split_skip_layer_norm(split) == 1
+    onnx.checker.check_model(split)
+    feeds = {n: np.random.default_rng(i).normal(size=(3, 5, 8)).astype(np.float32) for i, n in enumerate(("x", "skip"))}
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    got = ort.InferenceSession(split.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+    ref = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for a, b in zip(got, ref, strict=True):
+        assert np.abs(a - b).max() <= 1e-5
+    assert "SkipLayerNormalization" not in contrib_ops(tmp_path / "optimized.onnx")
+    kept = _skip_norm_graph(bias, use_sum, use_mean=True)
+    assert split_skip_layer_norm(kept) == 0 and kept.graph.node[0].op_type == "SkipLayerNormalization"
+    assert split_skip_layer_norm(_skip_norm_graph(bias, use_sum, opset=16)) == 0
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,10 @@ Runtime session applies anyway when it loads a graph) and fails on ModernBERT. M
 models of all eight families (pruned too, with a layer of zero heads), onnxscript fuses attention in
 every one: ``Attention`` (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT) or
 ``MultiHeadAttention`` (ModernBERT with rotary embeddings, DeBERTa-v2 with its relative-position
-bias), plus ``SkipLayerNormalization`` and ``BiasGelu`` (``tests/test_quantize.py`` checks this).
+bias), plus ``BiasGelu`` (``tests/test_quantize.py`` checks this). onnxscript also fuses every residual
+addition and LayerNorm into ``SkipLayerNormalization``; :func:`fuse` splits those back into ``Add`` +
+``LayerNormalization``, which ONNX Runtime's CPU kernels run faster (3.4x at batch 16, hidden 384;
+:mod:`prune_attattr.deploy.layer_norm` has the figures).
 
 The int8 graph is quantized *before* fusion: a fused ``Attention`` node carries ``qkv_hidden_sizes``
 and an additive mask, which ONNX Runtime's ``QAttention`` does not take, so quantizing a fused graph
@@ -122,9 +125,13 @@ def _readable(path: Path) -> Path:
     return path
 
 
-def fuse(src: str | Path, dst: str | Path) -> dict[str, int]:
-    """Rewrite ``src`` with ONNX Runtime's transformer kernels (fused attention, SkipLayerNormalization,
-    BiasGelu; onnxscript's ``optimize_for_ort``) into ``dst``.
+def fuse(src: str | Path, dst: str | Path, *, skip_layer_norm: bool = False) -> dict[str, int]:
+    """Rewrite ``src`` with ONNX Runtime's transformer kernels (fused attention and BiasGelu; onnxscript's
+    ``optimize_for_ort``) into ``dst``.
+
+    ``skip_layer_norm`` keeps onnxscript's ``SkipLayerNormalization`` nodes; by default they are split
+    back into ``Add`` + ``LayerNormalization`` (:func:`prune_attattr.deploy.layer_norm.split_skip_layer_norm`),
+    which ONNX Runtime's CPU kernels run 1.9x (batch 1) to 3.4x (batch 16) faster.
 
     Returns:
         The contrib-operator counts of ``dst`` (:func:`contrib_ops`), e.g. ``{"Attention": 6, ...}``.
@@ -133,13 +140,19 @@ def fuse(src: str | Path, dst: str | Path) -> dict[str, int]:
         ImportError: onnxscript without ``rewriter.ort_fusions`` (onnxscript < 0.3).
         Exception: whatever the rewriter raises on a graph it cannot handle (callers fall back).
     """
+    import onnx
     import onnx_ir as ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    from .layer_norm import split_skip_layer_norm
 
     with _quiet():
         model = ir.load(str(src))
         model, _ = optimize_for_ort(model)
-        ir.save(model, str(dst))
+        proto = ir.serde.serialize_model(model)
+    if not skip_layer_norm:
+        split_skip_layer_norm(proto)
+    onnx.save(proto, str(dst))
     _readable(Path(dst))
     return contrib_ops(dst)
 
