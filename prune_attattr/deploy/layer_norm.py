@@ -15,9 +15,10 @@ input           SkipLayerNormalization  Add, Add(bias), LayerNormalization  rati
 [64, 64, 384]   4.110                   1.045                               3.93x
 ==============  ======================  ==================================  =====
 
-In the main job's shipped graph (static int8, 9 residual LayerNorms) the fused kernel took 30% of the
-time at batch 16; splitting it made the whole graph 1.29x faster at batch 1 and 1.41x at batch 16, and
-the unpruned float32 graph 1.01x / 1.05x (docs/benchmarks.md, "SkipLayerNormalization").
+In the main job's shipped graph (static int8, 9 residual LayerNorms) the fused kernel took 35% of the
+kernel time at batch 16 (``benchmarks/profile_graph.py``); splitting it made that graph 1.21x faster at
+batch 1 and 1.47x at batch 16, and the unpruned float32 graph 1.06x at both (docs/benchmarks.md,
+"SkipLayerNormalization split back").
 
 ONNX Runtime must not fuse the split back when a session loads the graph. Its own
 ``SkipLayerNormFusion`` (optimization level 2, on by default) fuses a ``LayerNormalization`` fed by an
