@@ -220,7 +220,7 @@ def iterative(args, prep, scores: dict, times: dict, save) -> list[dict]:
     then its models at ``--distill-budgets`` distilled as in (c). Rows: ``{criterion, budget,
     flops_fraction, heads_kept, neurons_kept, metric, se}`` before the step's own recovery and
     ``distilled``/``distilled_se`` where distilled."""
-    from prune_attattr.prune.neurons import prune_units
+    from prune_attattr.prune.units import prune_units
     from prune_attattr.recover.distill import recover
     from prune_attattr.stages.curves import iterative_curve
     from prune_attattr.stages.recovery import RecoveryState

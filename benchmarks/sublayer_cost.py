@@ -46,7 +46,7 @@ def main() -> None:
         resolve_model_path,
     )
     from prune_attattr.prune.cost import unit_flops
-    from prune_attattr.prune.neurons import prune_units
+    from prune_attattr.prune.units import prune_units
     from prune_attattr.prune.sublayers import remove_sublayers
     from prune_attattr.tasks import glue_path, read_examples
 

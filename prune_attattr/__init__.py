@@ -20,7 +20,8 @@ from .prune.checkpoint import load_pruned, save_pruned
 from .importance.attattr import attention_attribution
 from .loading import load_classifier
 from .models import kept_heads
-from .prune.neurons import prune_neurons, prune_units
+from .prune.neurons import prune_neurons
+from .prune.units import prune_units
 from .prune.sublayers import remove_sublayers
 from .pipeline import run
 from .prune.heads import heads_to_prune, prune_heads, pruning_curve

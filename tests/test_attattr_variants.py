@@ -21,7 +21,7 @@ from prune_attattr.importance.neurons import neuron_attribution, neuron_sums
 from prune_attattr.models import forward_logits, intermediate_size
 from prune_attattr.prune.cost import unit_flops
 from prune_attattr.prune.curve import balance_for, choose_units
-from prune_attattr.prune.neurons import prune_units
+from prune_attattr.prune.units import prune_units
 
 VARIANTS = [(a, o) for a in imp.AGGREGATES for o in imp.OBJECTIVES]
 

@@ -14,7 +14,8 @@ from prune_attattr.prune.cost import flops_per_token, unit_flops
 from prune_attattr.deploy.onnx_export import check_onnx, export_onnx_folder
 from prune_attattr.families import PRUNED_HEADS_KEY, PRUNED_NEURONS_KEY
 from prune_attattr.models import feed_forward, forward_logits, input_names, intermediate_size, kept_heads, kept_neurons
-from prune_attattr.prune.neurons import prune_neurons, prune_units, pruned_neurons_of
+from prune_attattr.prune.neurons import prune_neurons, pruned_neurons_of
+from prune_attattr.prune.units import prune_units
 from prune_attattr.prune.heads import count_parameters
 
 HEADS = {0: [1, 3], 1: [0, 1, 2, 3]}  # layer 1 loses every head

@@ -453,7 +453,8 @@ def test_iterative_flops_schedule_prunes_the_recovered_model(tmp_path, monkeypat
     snapshot pruned to the next step's units gives the next step's figure, and the first pruned step equals
     the one-shot curve's (nothing recovered before it) while the next differs."""
     from prune_attattr.prune.curve import flops_curve
-    from prune_attattr.prune.neurons import prune_units, pruned_neurons_of
+    from prune_attattr.prune.neurons import pruned_neurons_of
+    from prune_attattr.prune.units import prune_units
     from prune_attattr.stages.context import mean_length
     from prune_attattr.stages.curves import iterative_curve
     from prune_attattr.stages.importance import compute_importance, compute_neuron_importance

@@ -134,7 +134,7 @@ def test_structurally_pruned_equals_masked():
 def test_structurally_pruned_neurons_equal_masked(kind):
     """Heads and neurons pruned structurally, a layer with no neurons left (its second map is a bias alone):
     least squares gives the masked model's result (found by a CLI run on DeBERTa: folding hit the bias-only map)."""
-    from prune_attattr.prune.neurons import prune_units
+    from prune_attattr.prune.units import prune_units
 
     teacher = tiny_model(kind, init=0.1)
     n = len(kept_neurons(teacher)[0])

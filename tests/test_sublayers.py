@@ -21,7 +21,7 @@ from prune_attattr.models import (
     removed_sublayers,
 )
 from prune_attattr.prune.heads import count_parameters
-from prune_attattr.prune.neurons import prune_units
+from prune_attattr.prune.units import prune_units
 from prune_attattr.prune.sublayers import remove_sublayers
 
 REMOVE = {0: ["ffn"], 1: ["attention"], 2: ["attention", "ffn"]}  # layer 2 is gone entirely

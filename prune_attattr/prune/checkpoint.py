@@ -164,8 +164,7 @@ def load_pruned(directory: str | Path) -> nn.Module:
 
     from ..attention import register_attention
     from ..models import prepare
-    from .neurons import prune_units
-    from .sublayers import remove_sublayers
+    from .units import prune_units
 
     directory = Path(directory)
     weights = directory / "model.safetensors"
@@ -181,9 +180,7 @@ def load_pruned(directory: str | Path) -> nn.Module:
             delattr(config, key)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation=config._attn_implementation)
     prepare(model)
-    prune_units(model, heads={int(k): v for k, v in heads.items()}, neurons={int(k): v for k, v in neurons.items()})
-    if sublayers:
-        remove_sublayers(model, {int(k): v for k, v in sublayers.items()})
+    prune_units(model, heads=heads, neurons=neurons, sublayers=sublayers)
     state = load_file(str(weights))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

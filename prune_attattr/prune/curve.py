@@ -3,7 +3,7 @@ together (issue 15; Kwon et al. 2022, section 4.1).
 
 For each fraction of ``pruning.flops_steps`` the units to keep are searched from the method's head and
 neuron scores (:func:`prune_attattr.prune.search.search_units`), a copy of the unpruned model is pruned
-structurally (:func:`prune_attattr.prune.neurons.prune_units`) and evaluated. Steps are independent:
+structurally (:func:`prune_attattr.prune.units.prune_units`) and evaluated. Steps are independent:
 each starts from the unpruned model, so a step's model does not depend on the steps before it. A budget
 the unit kind cannot reach (heads only below the feed-forward share) is left out of that curve.
 """
@@ -19,9 +19,9 @@ from torch import nn
 from ..models import kept_heads, kept_neurons, num_heads_total, removed_sublayers
 from .cost import UnitCosts, unit_flops
 from .heads import PruningStep, count_parameters, pruned_heads_of
-from .neurons import prune_units, pruned_neurons_of
+from .neurons import pruned_neurons_of
 from .search import lowest_fraction, search_sublayers, search_units
-from .sublayers import remove_sublayers
+from .units import prune_units
 
 __all__ = ["balance_for", "flops_fraction", "choose_units", "flops_curve"]
 
@@ -144,9 +144,8 @@ def flops_curve(
         if budget < 1.0:  # choose_units keeps pruned units pruned: a cumulative step only adds to them
             choice = choose_units(work, head_scores, neuron_scores, costs, budget, units, balance, sublayer_scores, sublayer_cost)
             picked = choice.units if sublayer_scores is not None else choice
-            prune_units(work, heads=picked.pruned_heads, neurons=picked.pruned_neurons)
-            if sublayer_scores is not None and choice.removed:
-                remove_sublayers(work, choice.removed)
+            removed = choice.removed if sublayer_scores is not None else None
+            prune_units(work, heads=picked.pruned_heads, neurons=picked.pruned_neurons, sublayers=removed)
         metrics = evaluate_fn(work)
         pruned_h = pruned_heads_of(work)
         step = PruningStep(

@@ -25,9 +25,9 @@ from transformers.pytorch_utils import prune_linear_layer
 
 from ..families import PRUNED_NEURONS_KEY, set_path
 from ..models import encoder_layers, feed_forward, intermediate_size, kept_neurons, prepare
-from .heads import _BiasOnly, _bias_of, prune_heads
+from .heads import _BiasOnly, _bias_of
 
-__all__ = ["prune_neurons", "pruned_neurons_of", "prune_units"]
+__all__ = ["prune_neurons", "pruned_neurons_of"]
 
 
 def pruned_neurons_of(model: nn.Module) -> dict[int, list[int]]:
@@ -96,23 +96,5 @@ def prune_neurons(model: nn.Module, neurons: Mapping[int | str, Sequence[int]]) 
         set_path(block, fam.ffn_out, new_second)
     prepare(model)  # the neuron hooks onto the new second maps
     setattr(model.config, PRUNED_NEURONS_KEY, {str(k): v for k, v in pruned_neurons_of(model).items()})
-    return model
-
-
-def prune_units(
-    model: nn.Module,
-    heads: Mapping[int | str, Sequence[int]] | None = None,
-    neurons: Mapping[int | str, Sequence[int]] | None = None,
-) -> nn.Module:
-    """Remove attention heads (:func:`prune_attattr.prune.heads.prune_heads`) and feed-forward neurons
-    (:func:`prune_neurons`) from ``model`` in place; both maps use original indices, ``{layer: [units]}``.
-
-    Returns:
-        The same model. Raises what the two functions raise.
-    """
-    if heads:
-        prune_heads(model, heads)
-    if neurons:
-        prune_neurons(model, neurons)
     return model
 

@@ -20,8 +20,7 @@ from ..errors import RunError
 from ..prune.cost import unit_flops
 from ..prune.curve import balance_for, choose_units, flops_fraction
 from ..models import forward_logits, input_names, kept_neurons, num_heads_total
-from ..prune.neurons import prune_units
-from ..prune.sublayers import remove_sublayers
+from ..prune.units import prune_units
 from ..prune.heads import count_parameters, heads_to_prune
 from ..prune.search import SearchError
 from ..tasks import Encoded, make_dataloader
@@ -141,8 +140,7 @@ def _ints(d: dict) -> dict:
 def prune_copy(prep: Prepared, pruned_heads: dict, pruned_neurons: dict | None = None, sublayers: dict | None = None) -> torch.nn.Module:
     """A structurally pruned copy of the prepared model (heads and neurons, original ids; whole sublayers
     ``{layer: ["attention", "ffn"]}`` removed)."""
-    model = prune_units(copy.deepcopy(prep.model), heads=_ints(pruned_heads), neurons=_ints(pruned_neurons or {}))
-    return remove_sublayers(model, _ints(sublayers)) if sublayers else model
+    return prune_units(copy.deepcopy(prep.model), heads=pruned_heads, neurons=pruned_neurons, sublayers=sublayers)
 
 
 def within_budget(curve: list, metric: str, floor: float) -> list[int]:

@@ -27,8 +27,8 @@ from ..errors import RunError
 from ..evaluation import evaluate_outputs
 from ..prune.curve import flops_fraction
 from ..models import kept_neurons, num_heads_total, removed_sublayers
-from ..prune.neurons import prune_units, pruned_neurons_of
-from ..prune.sublayers import remove_sublayers
+from ..prune.neurons import pruned_neurons_of
+from ..prune.units import prune_units
 from ..prune.heads import count_parameters, pruned_heads_of
 from ..recover.distill import recover, recovery_dataloader, teacher_logits
 from ..recover.rescale import least_squares
@@ -189,11 +189,7 @@ def recovery_stage(prep: Prepared, scores: dict, curves: dict, baseline: dict, s
             if i in snaps:
                 return copy.deepcopy(snaps[i]), True
             base = snaps[i - 1] if i - 1 in snaps else model
-            heads = {int(k): v for k, v in pruned.items()}
-            student = prune_units(copy.deepcopy(base), heads=heads, neurons={int(k): v for k, v in neurons.items()})
-            if sublayers:
-                remove_sublayers(student, {int(k): v for k, v in sublayers.items()})
-            return student, base is not model
+            return prune_units(copy.deepcopy(base), heads=pruned, neurons=neurons, sublayers=sublayers), base is not model
 
         def describe(m: torch.nn.Module) -> str:
             heads = num_heads_total(model) - sum(len(v) for v in pruned_heads_of(m).values())
