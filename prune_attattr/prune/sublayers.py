@@ -40,7 +40,7 @@ from ..families import (
     get_path,
     set_path,
 )
-from ..models import encoder_layers, intermediate_size, prepare, removed_sublayers
+from ..models import _is_removed, encoder_layers, intermediate_size, prepare, removed_sublayers
 from .heads import prune_heads
 from .neurons import prune_neurons
 
@@ -135,7 +135,7 @@ def remove_sublayers(model: nn.Module, sublayers: Mapping[int | str, Sequence[st
         if bad:
             raise ValueError(f"sublayer name(s) {bad} of layer {layer}: use {' or '.join(repr(s) for s in SUBLAYERS)}")
         for which in SUBLAYERS:
-            if which not in names or which in removed_sublayers(model).get(layer, []):
+            if which not in names or _is_removed(encoder_layers(model)[layer], fam.sublayers[which]):
                 continue
             if which == "attention":
                 prune_heads(model, {layer: list(range(model.config.num_attention_heads))})
