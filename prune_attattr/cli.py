@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _thread_list(text: str) -> list[int]:
+    """``--threads 1,2`` -> ``[1, 2]`` (argparse type; a count below 1 or not a number is a usage error)."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected counts like 2 or 1,2 (got '{text}')") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"thread counts must be at least 1 (got '{text}')")
+    return counts
+
+
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prune-attattr bench",
@@ -50,7 +61,10 @@ def _bench_parser() -> argparse.ArgumentParser:
         "on this machine, at batch 1 and 16 on the run's dev sentences; prints a table, writes nothing but --json.",
     )
     p.add_argument("run", help="a finished run folder, e.g. exported/sst2")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: the run's runtime.threads, else all cores)")
+    p.add_argument(
+        "--threads", type=_thread_list, default=None, metavar="N[,N...]",
+        help="ONNX Runtime intra-op thread counts; each graph is reported at its faster (default: 1 and the run's runtime.threads, else all cores)",
+    )
     p.add_argument("--sentences", type=int, default=256, help="dev sentences timed (default 256)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported (default 5)")
     p.add_argument(
@@ -67,7 +81,7 @@ def bench_main(argv: list[str]) -> int:
 
     The table is printed whole (never cut to the terminal's width) when stdout is not a terminal."""
     args = _bench_parser().parse_args(argv)
-    for key in ("threads", "sentences", "rounds"):
+    for key in ("sentences", "rounds"):
         value = getattr(args, key)
         if value is not None and value < 1:
             print(f"prune-attattr bench: error: --{key} must be at least 1 (got {value})", file=sys.stderr)

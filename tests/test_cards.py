@@ -179,6 +179,24 @@ def test_card_onnx_runtime_snippet_runs(run, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] in ("['negative']", "['positive']")
 
 
+def test_card_snippet_sets_the_thread_count_the_deployed_graph_was_fastest_with():
+    from prune_attattr.report.cards import _threads_hint
+
+    def report(threads, chosen):
+        rows = [{"deployed": False, "threads": {"1": 2, "16": 2}}, {"deployed": True, "threads": chosen}]
+        return {"export": {"deployment": {"bench": {"threads": threads, "rows": rows}}}}
+
+    lines = _threads_hint(report([1, 2], {"1": 1, "16": 2}))
+    assert lines[1].startswith("options.intra_op_num_threads = 1 ") and lines[2] == "# batches of 16: 2 thread(s) were faster there"
+    assert _threads_hint(report([1, 2], {"1": 2, "16": 2}))[1].startswith("options.intra_op_num_threads = 2 ")
+    assert len(_threads_hint(report([1, 2], {"1": 2, "16": 2}))) == 2
+    assert _threads_hint(report([2], {"1": 2, "16": 2})) == ["options = ort.SessionOptions()"]  # one count timed: ORT's default
+    assert _threads_hint({"export": {"deployment": None}}) == ["options = ort.SessionOptions()"]
+    options = {}
+    exec("\n".join(["import onnxruntime as ort"] + _threads_hint(report([1, 2], {"1": 1, "16": 2}))), options)
+    assert options["options"].intra_op_num_threads == 1
+
+
 def test_card_says_when_loyalty_was_not_measured(run):
     from prune_attattr.report.cards import render_card
 

@@ -404,7 +404,7 @@ def test_bench_cli_prints_the_whole_table_and_writes_only_json(tiny_run, tmp_pat
     assert rc == 0
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
     result = json.loads(out_json.read_text())
-    assert result["sentences"] == 5 and result["threads"] == 1 and result["metric"] == "accuracy"
+    assert result["sentences"] == 5 and result["threads"] == [1] and result["metric"] == "accuracy"
     rows = result["rows"]
     assert [r["label"] for r in rows] == [f"{w} {k}" for w in ("unpruned", "pruned") for k in LABELS]
     deployed = [r for r in rows if r["deployed"]]
@@ -493,6 +493,54 @@ def test_time_models_alternates_models_and_reports_medians(tmp_path):
     assert all(len({n for n, _ in t}) == 1 for t in turns)
     assert [t[0][0] for t in turns] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert {b for _, b in log[-3 * 3 * 3 :]} == {4, 2}  # batch 4: 6 sentences = a batch of 4 and one of 2
+
+
+def test_time_models_reports_each_model_at_its_faster_thread_count(tmp_path):
+    from prune_attattr.report.common import _deployment_caption, _deployment_cells, _parallel_note
+
+    texts = _sentences(4, seed=2).texts
+    clock, log = _Clock(), []
+    # seconds per call by (model, threads): the large graph gains from 2 threads, the small one loses
+    costs = {("big", 1): 0.040, ("big", 2): 0.025, ("small", 1): 0.004, ("small", 2): 0.006}
+    for name in ("big", "small"):
+        (tmp_path / f"{name}.onnx").write_bytes(b"x" * 1024)
+    models = [Candidate("big", tmp_path / "big.onnx", precision="float32"), Candidate("small", tmp_path / "small.onnx", precision="int8", deployed=True)]
+
+    def factory(path, threads):
+        key = (Path(path).stem, threads)
+        return _FakeSession(f"{key[0]}@{threads}", lambda i: costs[key], clock, log)
+
+    rows = time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[1, 2], batch_sizes=(1, 2), rounds=3, clock=clock, session_factory=factory)
+    big, small = rows
+    assert big["threads"] == {"1": 2, "2": 2} and small["threads"] == {"1": 1, "2": 1}
+    assert big["ms"]["1"] == pytest.approx(25.0) and small["ms"]["2"] == pytest.approx(4.0)
+    assert small["ms_by_threads"]["1"] == pytest.approx({"1": 4.0, "2": 6.0})
+    assert small["speedup"]["1"] == pytest.approx(25.0 / 4.0)  # faster count against the first row's faster count
+    # every (model, threads) session took a turn in every round, and only those four sessions ran
+    assert {n for n, _ in log} == {"big@1", "big@2", "small@1", "small@2"}
+    bench = {"threads": [1, 2], "batch_sizes": [1, 2], "rounds": 3, "sentences": 4, "rows": rows, "cpu": "cpu"}
+    head, cells = _deployment_cells(bench)
+    assert cells[0][head.index("ms, batch 1")] == "25.00 (2t)" and cells[1][head.index("ms, batch 2")] == "4.00 (1t)"
+    assert "faster of 1 and 2 intra-op thread(s)" in _deployment_caption(bench)
+    note = _parallel_note(bench)
+    assert "big 1.60x faster, the deployed graph 0.67x" in note and "under 1.2x" in note
+    assert _parallel_note({**bench, "threads": [2]}) is None
+    with pytest.raises(ValueError, match="at least 1"):
+        time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[0, 2], session_factory=factory)
+
+
+def test_bench_cli_threads_list_is_parsed_and_checked(tiny_run, tmp_path, capsys):
+    run, _, _ = tiny_run
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", str(run), "--rounds", "1", "--sentences", "3", "--threads", "1,2", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["threads"] == [1, 2]
+    assert all(set(r["ms_by_threads"]["1"]) == {"1", "2"} and r["threads"]["1"] in (1, 2) for r in result["rows"])
+    for bad in ("0,2", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", str(run), "--threads", bad])
+        assert exc.value.code == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 # ---- recipe keys --------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ alike; a model's figure for a round is its mean milliseconds per call over the b
 figure the median over rounds. Each turn starts with one untimed call: ONNX Runtime's worker threads
 busy-wait for a while after a call, and the previous model's would otherwise slow the first calls
 down. (Alternating call by call would pay that on every call: measured on 2 cores, it doubled the
-batch-1 latency of MiniLM; turning the busy-waiting off instead slowed batch 16 2.3x.)
+batch-1 latency of MiniLM; turning the busy-waiting off instead slowed batch 16 2.3x.) Given several
+thread counts, each model has one session per count, all of them take turns, and each model and batch
+size is reported at its faster count (:func:`serving_threads`: deployment tables time one thread and
+the run's count, because a small graph can be faster and steadier on one core).
 
 :func:`bench_run` (``prune-attattr bench exported/<run>``) re-times a finished run on the current
 machine. A run folder's layout::
@@ -41,7 +44,7 @@ import numpy as np
 from ..errors import RunError
 
 __all__ = [
-    "Candidate", "BATCH_SIZES", "CPU_FLAGS", "feed_batches", "time_models", "folder_candidates", "candidates", "time_run", "bench_run",
+    "Candidate", "BATCH_SIZES", "CPU_FLAGS", "feed_batches", "thread_counts", "serving_threads", "time_models", "folder_candidates", "candidates", "time_run", "bench_run",
     "cpu_name", "cpu_info",
 ]
 
@@ -81,13 +84,43 @@ def _rotated(n: int, k: int) -> list[int]:
     return [(k + j) % n for j in range(n)]
 
 
+def thread_counts(threads: int | None | Sequence[int | None]) -> tuple[int | None, ...]:
+    """The intra-op thread counts to time, in order, without repeats: ``2`` -> ``(2,)``, ``[1, 2]`` -> ``(1, 2)``
+    (None = ONNX Runtime's default, all physical cores).
+
+    Raises:
+        ValueError: no count, or a count below 1.
+    """
+    counts = tuple(dict.fromkeys(threads if isinstance(threads, (list, tuple)) else (threads,)))
+    if not counts or any(t is not None and t < 1 for t in counts):
+        raise ValueError(f"thread counts must be at least 1 (got {list(counts)})")
+    return counts
+
+
+def serving_threads(threads: int | None) -> tuple[int | None, ...]:
+    """The thread counts a deployment table times each graph at: one thread and ``threads`` (the run's
+    ``runtime.threads``; None = all cores), each graph and batch size reported at the faster.
+
+    Why one thread as well: a small graph splits each operator in two on 2 cores, and where the host lends
+    the second core unevenly (shared virtual machines) every split waits for the slower half. Measured on
+    a 2-core AMD EPYC VM (docs/benchmarks.md, "Thread count"): the main job's static int8 graph at batch 1
+    took 0.74-0.91 ms with 2 threads in quiet minutes and 1.5-1.6 ms in slow ones, against 0.85-0.97 ms
+    with 1 thread in both; the unpruned float32 graph is always faster with 2.
+    """
+    return thread_counts((1, threads))
+
+
+def _thread_label(t: int | None) -> str:
+    return "all" if t is None else str(t)
+
+
 def time_models(
     models: Sequence[Candidate],
     texts: Sequence[str],
     pairs: Sequence[str] | None = None,
     *,
     tokenizer=None,
-    threads: int | None = None,
+    threads: int | None | Sequence[int | None] = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     rounds: int = 5,
     warmup: int = 1,
@@ -100,46 +133,59 @@ def time_models(
     Args:
         tokenizer: one tokenizer for every model; default: each model's own, saved beside its graph (a model
             whose vocabulary was pruned takes other ids for the same text).
-        threads: ONNX Runtime intra-op threads per session (None = all cores).
-        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.deploy.quantize.session`
-            without spin-waiting).
+        threads: ONNX Runtime intra-op threads per session (None = all cores), or several counts
+            (:func:`thread_counts`): each model then has one session per count, every session takes its
+            turn in every round, and each model and batch size is reported at the count with the lower median.
+        session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.deploy.quantize.session`).
 
     Returns:
         One row per model, in order: ``{"label", "file", "precision", "metric", "batch_differ", "deployed",
-        "mb", "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}}``; batch-size
-        keys are strings (JSON). ``mb`` is the file size in MiB (None when there is no file).
+        "mb", "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}, "threads":
+        {"1": the count of "ms" (None = all cores), ...}, "ms_by_threads": {"1": {"1": ms, "2": ms}, ...}}``;
+        batch-size and thread keys are strings (JSON; ``"all"`` for None). ``mb`` is the file size in MiB
+        (None when there is no file). The speed-up compares each model's faster count with the first
+        model's faster count.
 
     Raises:
-        ValueError: no models, no texts, or ``rounds`` < 1.
+        ValueError: no models, no texts, ``rounds`` < 1, or a thread count < 1.
     """
     from .onnx_eval import load_folder_tokenizer
     from .quantize import graph_precision, logits, session
 
     if not models or not texts or rounds < 1:
         raise ValueError("time_models needs at least one model, one text and one round")
+    counts = thread_counts(threads)
     factory = session_factory or session
     folders = [Path(m.path).parent for m in models]
     tokenizers = {f: tokenizer if tokenizer is not None else load_folder_tokenizer(f) for f in dict.fromkeys(folders)}
-    sessions = [factory(m.path, threads) for m in models]
-    names = list(dict.fromkeys(i.name for s in sessions for i in s.get_inputs()))
+    turns = [(m, t) for m in range(len(models)) for t in counts]  # one session per model and thread count
+    sessions = {k: factory(models[k[0]].path, k[1]) for k in turns}
+    names = list(dict.fromkeys(i.name for s in sessions.values() for i in s.get_inputs()))
     ms: list[dict[str, float]] = [{} for _ in models]
+    chosen: list[dict[str, int | None]] = [{} for _ in models]
+    by_threads: list[dict[str, dict[str, float]]] = [{} for _ in models]
     for b in batch_sizes:
         by_folder = {f: feed_batches(tok, texts, pairs, b, names, max_length) for f, tok in tokenizers.items()}
         batches = [by_folder[f] for f in folders]
         for _ in range(warmup):
-            for s, bs in zip(sessions, batches):
-                for x in bs:
-                    logits(s, x)
-        per_round: list[list[float]] = [[] for _ in models]
-        for r in range(rounds):
-            for m in _rotated(len(models), r):
-                logits(sessions[m], batches[m][0])  # untimed: the previous model's threads stop busy-waiting
-                t = clock()
+            for (m, t), s in sessions.items():
                 for x in batches[m]:
-                    logits(sessions[m], x)
-                per_round[m].append(1000 * (clock() - t) / len(batches[m]))
+                    logits(s, x)
+        per_round: dict[tuple, list[float]] = {k: [] for k in turns}
+        for r in range(rounds):
+            for j in _rotated(len(turns), r):
+                m, t = turns[j]
+                s = sessions[(m, t)]
+                logits(s, batches[m][0])  # untimed: the previous session's threads stop busy-waiting
+                start = clock()
+                for x in batches[m]:
+                    logits(s, x)
+                per_round[(m, t)].append(1000 * (clock() - start) / len(batches[m]))
         for m in range(len(models)):
-            ms[m][str(b)] = float(np.median(per_round[m]))
+            med = {t: float(np.median(per_round[(m, t)])) for t in counts}
+            best = min(counts, key=lambda t: med[t])  # ties: the first count given
+            ms[m][str(b)], chosen[m][str(b)] = med[best], best
+            by_threads[m][str(b)] = {_thread_label(t): v for t, v in med.items()}
     rows = []
     for m, c in enumerate(models):
         path = Path(c.path)
@@ -154,6 +200,8 @@ def time_models(
                 "mb": path.stat().st_size / 2**20 if path.is_file() else None,
                 "ms": ms[m],
                 "speedup": {k: ms[0][k] / v for k, v in ms[m].items()},
+                "threads": chosen[m],
+                "ms_by_threads": by_threads[m],
             }
         )
     return rows
@@ -240,7 +288,7 @@ def time_run(
     run_dir: str | Path,
     *,
     sentences: int,
-    threads: int | None,
+    threads: int | None | Sequence[int | None],
     rounds: int,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     max_length: int | None = None,
@@ -270,7 +318,7 @@ def time_run(
 def bench_run(
     run_dir: str | Path,
     *,
-    threads: int | None = None,
+    threads: int | None | Sequence[int | None] = None,
     sentences: int = 256,
     rounds: int = 5,
     batch_sizes: Sequence[int] = BATCH_SIZES,
@@ -278,8 +326,10 @@ def bench_run(
 ) -> dict:
     """Re-time a finished run's graphs on this machine (``prune-attattr bench exported/<run>``).
 
-    Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: default
-    the recipe's ``runtime.threads`` (None = all cores). Metrics: the run's (``report.json``), or with
+    Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: one count or
+    several (:func:`time_models`), default :func:`serving_threads` of the recipe's ``runtime.threads``
+    (else torch's thread count, as the export stage): one thread and that count, each graph at its
+    faster; the evaluation runs at the largest count. Metrics: the run's (``report.json``), or with
     ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.deploy.onnx_eval.evaluate_onnx`, one
     example per call): int8 results depend on the CPU's integer kernels (VNNI or not), so a deployment
     box's accuracy can differ from the run's. Reads files only; writes nothing.
@@ -313,7 +363,12 @@ def bench_run(
     _, dev, _, metrics = load_task_data(recipe)
     metric = metric or metrics[0]
     n = min(sentences, len(dev))
-    threads = threads if threads is not None else recipe.runtime.threads
+    if threads is None:
+        import torch
+
+        threads = serving_threads(recipe.runtime.threads or torch.get_num_threads())
+    counts = thread_counts(threads)
+    most = max((t for t in counts if t is not None), default=None) if None not in counts else None
     source = "report.json"
     if evaluate:
         import torch
@@ -322,11 +377,11 @@ def bench_run(
         from .onnx_eval import batch_differences, predict_onnx
 
         for c in models:
-            alone = predict_onnx(c.path, dev.texts, dev.pairs, batch_size=1, threads=threads)
+            alone = predict_onnx(c.path, dev.texts, dev.pairs, batch_size=1, threads=most)
             c.metric = compute_metrics(metrics, torch.from_numpy(alone.argmax(-1)), torch.tensor(dev.labels))[metric]
-            c.batch_differ = batch_differences(c.path, dev, threads=threads, alone=alone)
+            c.batch_differ = batch_differences(c.path, dev, threads=most, alone=alone)
         source = f"measured here on {len(dev)} dev examples"
-    rows = time_run(models, dev, run_dir, sentences=n, threads=threads, rounds=rounds, batch_sizes=batch_sizes)
+    rows = time_run(models, dev, run_dir, sentences=n, threads=counts, rounds=rounds, batch_sizes=batch_sizes)
     cpu = cpu_info()
     return {
         "run": str(run_dir),
@@ -334,7 +389,7 @@ def bench_run(
         "metric_source": source,
         "cpu": cpu_name(cpu),
         "cpu_info": cpu,
-        "threads": threads,
+        "threads": list(counts),
         "sentences": n,
         "rounds": rounds,
         "batch_sizes": list(batch_sizes),

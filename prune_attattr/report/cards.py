@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import _deployment_caption, _deployment_cells, method_settings, report_warnings
+from .common import _deployment_caption, _deployment_cells, _parallel_note, method_settings, report_warnings
 
 __all__ = ["EMBEDDED_BASE_MODEL", "GLUE_DATASET", "card_metadata", "render_card", "write_cards"]
 
@@ -217,7 +217,8 @@ def _speed(report: dict, folder: str) -> list[str]:
             + (" This folder's PyTorch checkpoint is not timed; its ONNX export is the `pruned float32` row." if folder == "model" else "")
         )
         lines.append("")
-    lines += [_machine(d), "", _deployment_caption(bench) + ".", ""]
+    note = _parallel_note(bench)
+    lines += [_machine(d), "", _deployment_caption(bench) + "." + (f" Threads: {note}." if note else ""), ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("| --- | --- | " + " | ".join("---:" for _ in head[2:]) + " |")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
@@ -284,6 +285,22 @@ def _example(report: dict) -> str:
     return '"A gripping, funny and moving film."'
 
 
+def _threads_hint(report: dict) -> list[str]:
+    """Snippet lines that make ``options``: the intra-op thread count the deployed graph was timed fastest
+    with here, at batch 1 (``export.deployment.bench``; a comment names batch 16's where it differs), or
+    ONNX Runtime's default when the run timed one count only."""
+    bench = ((report.get("export") or {}).get("deployment") or {}).get("bench") or {}
+    deployed = next((r for r in bench.get("rows") or [] if r.get("deployed")), None)
+    chosen = (deployed or {}).get("threads") or {}
+    counts = bench.get("threads")
+    if not chosen or not isinstance(counts, list) or len(counts) < 2 or chosen.get("1") is None:
+        return ["options = ort.SessionOptions()"]
+    line = f"options.intra_op_num_threads = {chosen['1']}  # fastest one sentence at a time on the machine of the table above"
+    other = {b: t for b, t in chosen.items() if b != "1" and t != chosen["1"]}
+    extra = [f"# batches of {b}: {'all cores' if t is None else t} thread(s) were faster there" for b, t in other.items()]
+    return ["options = ort.SessionOptions()", line] + extra
+
+
 def _loading(report: dict, folder: str) -> list[str]:
     run = Path(((report.get("recipe") or {}).get("output_dir") or "exported")) / report["run_name"]
     where = f"{run.as_posix()}/{folder}"
@@ -318,7 +335,8 @@ def _loading(report: dict, folder: str) -> list[str]:
         "",
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         f'id2label = AutoConfig.from_pretrained("{where}").id2label',
-        f'session = ort.InferenceSession("{where}/model.onnx", providers=["CPUExecutionProvider"])',
+    ] + _threads_hint(report) + [
+        f'session = ort.InferenceSession("{where}/model.onnx", options, providers=["CPUExecutionProvider"])',
         f'batch = tokenizer(["A gripping, funny and moving film."], padding=True, truncation=True, max_length={max_length}, return_tensors="np")',
         "feeds = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}",
         'logits = session.run(["logits"], feeds)[0]',

@@ -83,9 +83,17 @@ def _mflops(x: float) -> str:
     return f"{x / 1e6:.2f}"
 
 
-def _ms(row: dict, b: str) -> str:
+def _ms(row: dict, b: str, several: bool = False) -> str:
     v = row["ms"].get(b)
-    return "-" if v is None else f"{v:.2f}"
+    if v is None:
+        return "-"
+    t = (row.get("threads") or {}).get(b, "?")
+    return f"{v:.2f} ({'all' if t is None else t}t)" if several else f"{v:.2f}"
+
+
+def _thread_counts(bench: dict) -> list:
+    t = bench.get("threads")
+    return list(t) if isinstance(t, (list, tuple)) else [t]
 
 
 def _times(row: dict, key: str, b: str | None = None) -> str:
@@ -104,11 +112,12 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
     differ = any(r.get("batch_differ") is not None for r in bench["rows"])
     if differ:  # issue 21: dev predictions that change between batch 1 and batch 16
         head.append("differ, batch 1 vs 16")
+    several = len(_thread_counts(bench)) > 1
     cells = []
     for r in bench["rows"]:
         row = [r["label"] + (" (deployed)" if r.get("deployed") else ""), r["file"], _pct(r.get("metric"))]
         for b in sizes:
-            row += [_ms(r, b), _times(r, "speedup", b)]
+            row += [_ms(r, b, several), _times(r, "speedup", b)]
         mb = r.get("mb")
         row += ["-" if mb is None else f"{mb:.1f}", "-" if not (mb and ref_mb) else f"{ref_mb / mb:.2f}x"]
         if differ:
@@ -118,12 +127,39 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _deployment_caption(bench: dict) -> str:
-    threads = bench.get("threads") or "all"
+    counts = ["all" if t is None else str(t) for t in _thread_counts(bench)]
+    threads = (
+        f"each graph at the faster of {' and '.join(counts)} intra-op thread(s) (in brackets)" if len(counts) > 1 else f"{counts[0]} thread(s)"
+    )
     return (
-        f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads} thread(s); median over {bench.get('rounds')} alternating "
+        f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads}; median over {bench.get('rounds')} alternating "
         f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
         + (f"; metric from {bench['metric_source']}" if bench.get("metric_source") else "")
     )
+
+
+def _parallel_note(bench: dict) -> str | None:
+    """One line on what the extra threads bought at the largest batch size, when several counts were timed:
+    ``"batch 16, 2 threads against 1: unpruned float32 1.71x faster, the deployed graph 1.58x"``, with a
+    warning where the deployed graph gained under 1.2x (the host lent the extra cores little while timing,
+    so its figures are below what a quiet machine gives; docs/benchmarks.md, "Thread count"). None
+    when one count was timed or a row lacks the figures."""
+    counts = [t for t in _thread_counts(bench)]
+    if len(counts) < 2 or not bench.get("rows"):
+        return None
+    b = str(max(bench.get("batch_sizes", [1, 16])))
+    lo, hi = ("all" if t is None else str(t) for t in (counts[0], counts[-1]))
+    ref, dep = bench["rows"][0], next((r for r in bench["rows"] if r.get("deployed")), None)
+    gains = []
+    for r in (ref, dep):
+        by = (r or {}).get("ms_by_threads", {}).get(b, {})
+        if lo not in by or hi not in by:
+            return None
+        gains.append(by[lo] / by[hi])
+    line = f"batch {b}, {hi} threads against {lo}: {ref['label']} {gains[0]:.2f}x faster, the deployed graph {gains[1]:.2f}x"
+    if gains[1] < 1.2:
+        line += " (under 1.2x: the extra cores gave the deployed graph little while it was timed, as on a busy shared host; re-time later)"
+    return line
 
 
 _FIXED_SETTINGS = {
