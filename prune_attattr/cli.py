@@ -63,8 +63,10 @@ def _bench_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a finished run folder, e.g. exported/sst2")
     p.add_argument(
         "--threads", type=_thread_list, default=None, metavar="N[,N...]",
-        help="ONNX Runtime intra-op thread counts; each graph is reported at its faster (default: 1 and the run's runtime.threads, else all cores)",
+        help="ONNX Runtime intra-op thread counts; each graph is reported at its fastest (default: 1 and the run's runtime.threads, "
+        "else all cores, and batches split between that many one-thread sessions)",
     )
+    p.add_argument("--split", type=int, default=None, metavar="N", help="with --threads: also time batches cut between N one-thread sessions run at once")
     p.add_argument("--sentences", type=int, default=256, help="dev sentences timed (default 256)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds; the median is reported (default 5)")
     p.add_argument(
@@ -86,6 +88,9 @@ def bench_main(argv: list[str]) -> int:
         if value is not None and value < 1:
             print(f"prune-attattr bench: error: --{key} must be at least 1 (got {value})", file=sys.stderr)
             return EXIT_BAD_INPUT
+    if args.split is not None and args.split < 2:
+        print(f"prune-attattr bench: error: --split must be at least 2 sessions (got {args.split})", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _quiet_libraries()
     import json
 
@@ -98,7 +103,7 @@ def bench_main(argv: list[str]) -> int:
     from .tasks import DataError
 
     try:
-        result = bench_run(args.run, threads=args.threads, sentences=args.sentences, rounds=args.rounds, evaluate=args.eval)
+        result = bench_run(args.run, threads=args.threads, split=args.split, sentences=args.sentences, rounds=args.rounds, evaluate=args.eval)
     except (RunError, DataError, ModelError) as exc:
         print(f"prune-attattr bench: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -182,18 +182,21 @@ def test_card_onnx_runtime_snippet_runs(run, tmp_path):
 def test_card_snippet_sets_the_thread_count_the_deployed_graph_was_fastest_with():
     from prune_attattr.report.cards import _threads_hint
 
-    def report(threads, chosen):
-        rows = [{"deployed": False, "threads": {"1": 2, "16": 2}}, {"deployed": True, "threads": chosen}]
-        return {"export": {"deployment": {"bench": {"threads": threads, "rows": rows}}}}
+    def report(chosen, layouts=({"1": 1.0, "2": 2.0}, {"2": 9.0, "2x1": 5.0})):
+        timed = {"1": layouts[0], "16": layouts[1]}
+        rows = [{"deployed": False}, {"deployed": True, "threads": chosen, "ms_by_threads": timed}]
+        return {"export": {"deployment": {"bench": {"threads": [1, 2], "split": 2, "rows": rows}}}}
 
-    lines = _threads_hint(report([1, 2], {"1": 1, "16": 2}))
-    assert lines[1].startswith("options.intra_op_num_threads = 1 ") and lines[2] == "# batches of 16: 2 thread(s) were faster there"
-    assert _threads_hint(report([1, 2], {"1": 2, "16": 2}))[1].startswith("options.intra_op_num_threads = 2 ")
-    assert len(_threads_hint(report([1, 2], {"1": 2, "16": 2}))) == 2
-    assert _threads_hint(report([2], {"1": 2, "16": 2})) == ["options = ort.SessionOptions()"]  # one count timed: ORT's default
+    lines = _threads_hint(report({"1": "1", "16": "2x1"}))
+    assert lines[1].startswith("options.intra_op_num_threads = 1 ") and lines[2].startswith("# batches of 16 ran fastest cut into 2 parts")
+    assert _threads_hint(report({"1": "2", "16": "2"}))[1:] == [
+        "options.intra_op_num_threads = 2  # fastest one sentence at a time on the machine of the table above"
+    ]
+    assert _threads_hint(report({"1": "1", "16": "2"}))[2] == "# batches of 16: 2 thread(s) were faster there"
+    assert _threads_hint(report({"1": "2"}, ({"2": 1.0}, {}))) == ["options = ort.SessionOptions()"]  # one layout timed: ORT's default
     assert _threads_hint({"export": {"deployment": None}}) == ["options = ort.SessionOptions()"]
     options = {}
-    exec("\n".join(["import onnxruntime as ort"] + _threads_hint(report([1, 2], {"1": 1, "16": 2}))), options)
+    exec("\n".join(["import onnxruntime as ort"] + _threads_hint(report({"1": "1", "16": "2x1"}))), options)
     assert options["options"].intra_op_num_threads == 1
 
 

@@ -512,30 +512,42 @@ def test_time_models_reports_each_model_at_its_faster_thread_count(tmp_path):
 
     rows = time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[1, 2], batch_sizes=(1, 2), rounds=3, clock=clock, session_factory=factory)
     big, small = rows
-    assert big["threads"] == {"1": 2, "2": 2} and small["threads"] == {"1": 1, "2": 1}
+    assert big["threads"] == {"1": "2", "2": "2"} and small["threads"] == {"1": "1", "2": "1"}
     assert big["ms"]["1"] == pytest.approx(25.0) and small["ms"]["2"] == pytest.approx(4.0)
     assert small["ms_by_threads"]["1"] == pytest.approx({"1": 4.0, "2": 6.0})
-    assert small["speedup"]["1"] == pytest.approx(25.0 / 4.0)  # faster count against the first row's faster count
+    assert small["speedup"]["1"] == pytest.approx(25.0 / 4.0)  # fastest layout against the first row's fastest
     # every (model, threads) session took a turn in every round, and only those four sessions ran
     assert {n for n, _ in log} == {"big@1", "big@2", "small@1", "small@2"}
     bench = {"threads": [1, 2], "batch_sizes": [1, 2], "rounds": 3, "sentences": 4, "rows": rows, "cpu": "cpu"}
     head, cells = _deployment_cells(bench)
     assert cells[0][head.index("ms, batch 1")] == "25.00 (2t)" and cells[1][head.index("ms, batch 2")] == "4.00 (1t)"
-    assert "faster of 1 and 2 intra-op thread(s)" in _deployment_caption(bench)
+    assert "fastest of 1 and 2 intra-op thread(s) (in brackets)" in _deployment_caption(bench)
     note = _parallel_note(bench)
-    assert "big 1.60x faster, the deployed graph 0.67x" in note and "under 1.2x" in note
-    assert _parallel_note({**bench, "threads": [2]}) is None
+    assert note.startswith("big: batch 1 1 thread 40.00, 2 threads 25.00 ms;") and "deployed: batch 1 1 thread 4.00, 2 threads 6.00 ms" in note
     with pytest.raises(ValueError, match="at least 1"):
         time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[0, 2], session_factory=factory)
+
+    # split: batches of 4 cut into halves, each on its own one-thread session; batch 1 is not split
+    log.clear()
+    rows = time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[1, 2], split=2, batch_sizes=(1, 4), rounds=2, clock=clock, session_factory=factory)
+    assert set(rows[1]["ms_by_threads"]["1"]) == {"1", "2"} and set(rows[1]["ms_by_threads"]["4"]) == {"2", "2x1"}
+    split_calls = [b for n, b in log if n == "small@1" and b != 1]
+    assert split_calls and set(split_calls) == {2}  # 4 sentences -> two parts of 2, never the whole batch on one thread
+    assert {b for n, b in log if n == "small@2"} == {1, 4}
+    assert "split between 2 one-thread sessions run at once (2x1t)" in _deployment_caption({**bench, "split": 2, "rows": rows})
+    with pytest.raises(ValueError, match="split"):
+        time_models(models, texts, tokenizer=tiny_tokenizer("bert"), split=1, session_factory=factory)
 
 
 def test_bench_cli_threads_list_is_parsed_and_checked(tiny_run, tmp_path, capsys):
     run, _, _ = tiny_run
     out_json = tmp_path / "bench.json"
-    assert main(["bench", str(run), "--rounds", "1", "--sentences", "3", "--threads", "1,2", "--json", str(out_json)]) == 0
+    assert main(["bench", str(run), "--rounds", "1", "--sentences", "3", "--threads", "1,2", "--split", "2", "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
-    assert result["threads"] == [1, 2]
-    assert all(set(r["ms_by_threads"]["1"]) == {"1", "2"} and r["threads"]["1"] in (1, 2) for r in result["rows"])
+    assert result["threads"] == [1, 2] and result["split"] == 2
+    assert all(set(r["ms_by_threads"]["16"]) == {"2", "2x1"} for r in result["rows"])
+    assert main(["bench", str(run), "--threads", "2", "--split", "1"]) == 2
+    assert all(set(r["ms_by_threads"]["1"]) == {"1", "2"} and r["threads"]["1"] in ("1", "2") for r in result["rows"])
     for bad in ("0,2", "two"):
         with pytest.raises(SystemExit) as exc:
             main(["bench", str(run), "--threads", bad])

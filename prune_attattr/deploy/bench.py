@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ import numpy as np
 from ..errors import RunError
 
 __all__ = [
-    "Candidate", "BATCH_SIZES", "CPU_FLAGS", "feed_batches", "thread_counts", "serving_threads", "time_models", "folder_candidates", "candidates", "time_run", "bench_run",
+    "Candidate", "BATCH_SIZES", "CPU_FLAGS", "feed_batches", "split_feeds", "thread_counts", "serving_threads", "serving_split", "layout_labels", "time_models", "folder_candidates", "candidates", "time_run", "bench_run",
     "cpu_name", "cpu_info",
 ]
 
@@ -110,8 +111,39 @@ def serving_threads(threads: int | None) -> tuple[int | None, ...]:
     return thread_counts((1, threads))
 
 
+def serving_split(threads: int | None) -> int | None:
+    """The ``split`` of :func:`time_models` that deployment tables time beside :func:`serving_threads`:
+    ``threads`` one-thread sessions taking a batch's parts at once (None for one thread or all cores).
+
+    Why: on the same VM, in the rounds where the int8 graph with 2 intra-op threads fell to its one-thread
+    speed at batch 16 (18.8 ms), two one-thread sessions on the batch's halves kept 10.0 ms; the float32
+    graph ran the same either way (docs/benchmarks.md, "Thread count")."""
+    return threads if threads is not None and threads > 1 else None
+
+
 def _thread_label(t: int | None) -> str:
     return "all" if t is None else str(t)
+
+
+def layout_labels(counts: Sequence[int | None], split: int | None, batch: int) -> list[str]:
+    """The layouts :func:`time_models` times at ``batch``: each intra-op thread count (``"1"``, ``"2"``,
+    ``"all"``) and, for ``batch`` > 1 with ``split``, ``"<split>x1"`` in place of ``"1"``."""
+    labels = [_thread_label(t) for t in counts]
+    if split and batch > 1:
+        labels = [x for x in labels if x != "1"] + [f"{split}x1"]
+    return labels
+
+
+def split_feeds(tokenizer, texts, pairs, batch_size: int, split: int, names, max_length) -> list[list[dict]]:
+    """Per batch of ``batch_size`` consecutive sentences, at most ``split`` consecutive parts of
+    ``ceil(len / split)`` sentences, each tokenised and padded on its own (:func:`feed_batches`)."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(range(i, min(i + batch_size, len(texts))))
+        size = -(-len(chunk) // split)
+        cut = [chunk[k : k + size] for k in range(0, len(chunk), size)]
+        out.append([feed_batches(tokenizer, [texts[j] for j in c], [pairs[j] for j in c] if pairs is not None else None, len(c), names, max_length)[0] for c in cut])
+    return out
 
 
 def time_models(
@@ -121,6 +153,7 @@ def time_models(
     *,
     tokenizer=None,
     threads: int | None | Sequence[int | None] = None,
+    split: int | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     rounds: int = 5,
     warmup: int = 1,
@@ -136,18 +169,22 @@ def time_models(
         threads: ONNX Runtime intra-op threads per session (None = all cores), or several counts
             (:func:`thread_counts`): each model then has one session per count, every session takes its
             turn in every round, and each model and batch size is reported at the count with the lower median.
+        split: also time each batch of more than one sentence cut into ``split`` consecutive parts, each padded
+            to its own longest and run at once on its own one-thread session (layout ``"<split>x1"``: data
+            parallelism, one session per core, as CPU servers run); the one-thread layout is then not
+            timed at those batch sizes (it does the same work on one core). None: no split.
         session_factory: ``(path, threads) -> session`` (default :func:`prune_attattr.deploy.quantize.session`).
 
     Returns:
         One row per model, in order: ``{"label", "file", "precision", "metric", "batch_differ", "deployed",
         "mb", "ms": {"1": median ms per call, "16": ...}, "speedup": {"1": ref ms / ms, ...}, "threads":
-        {"1": the count of "ms" (None = all cores), ...}, "ms_by_threads": {"1": {"1": ms, "2": ms}, ...}}``;
-        batch-size and thread keys are strings (JSON; ``"all"`` for None). ``mb`` is the file size in MiB
-        (None when there is no file). The speed-up compares each model's faster count with the first
-        model's faster count.
+        {"1": the layout of "ms", ...}, "ms_by_threads": {"1": {"1": ms, "2": ms}, "16": {"2": ms, "2x1": ms}}}``;
+        keys are strings (JSON); a layout is an intra-op thread count (``"all"`` for None) or ``"<split>x1"``.
+        ``mb`` is the file size in MiB (None when there is no file). The speed-up compares each model's
+        fastest layout with the first model's fastest.
 
     Raises:
-        ValueError: no models, no texts, ``rounds`` < 1, or a thread count < 1.
+        ValueError: no models, no texts, ``rounds`` < 1, a thread count < 1 or ``split`` < 2.
     """
     from .onnx_eval import load_folder_tokenizer
     from .quantize import graph_precision, logits, session
@@ -155,37 +192,57 @@ def time_models(
     if not models or not texts or rounds < 1:
         raise ValueError("time_models needs at least one model, one text and one round")
     counts = thread_counts(threads)
+    if split is not None and split < 2:
+        raise ValueError(f"split needs at least 2 sessions (got {split})")
     factory = session_factory or session
     folders = [Path(m.path).parent for m in models]
     tokenizers = {f: tokenizer if tokenizer is not None else load_folder_tokenizer(f) for f in dict.fromkeys(folders)}
-    turns = [(m, t) for m in range(len(models)) for t in counts]  # one session per model and thread count
-    sessions = {k: factory(models[k[0]].path, k[1]) for k in turns}
+    sessions = {(m, t): factory(models[m].path, t) for m in range(len(models)) for t in counts}
+    parts = {m: [factory(models[m].path, 1) for _ in range(split)] for m in range(len(models))} if split else {}
     names = list(dict.fromkeys(i.name for s in sessions.values() for i in s.get_inputs()))
+    pool = ThreadPoolExecutor(max_workers=split) if split else None
+
+    def run(m: int, layout: str, x) -> None:
+        if layout.endswith("x1"):  # the batch's parts on the one-thread sessions at once (ONNX Runtime frees the GIL)
+            for f in [pool.submit(logits, s, part) for s, part in zip(parts[m], x)]:
+                f.result()
+        else:
+            logits(sessions[(m, by_label[layout])], x)
+
+    by_label = {_thread_label(t): t for t in counts}
     ms: list[dict[str, float]] = [{} for _ in models]
-    chosen: list[dict[str, int | None]] = [{} for _ in models]
-    by_threads: list[dict[str, dict[str, float]]] = [{} for _ in models]
-    for b in batch_sizes:
-        by_folder = {f: feed_batches(tok, texts, pairs, b, names, max_length) for f, tok in tokenizers.items()}
-        batches = [by_folder[f] for f in folders]
-        for _ in range(warmup):
-            for (m, t), s in sessions.items():
-                for x in batches[m]:
-                    logits(s, x)
-        per_round: dict[tuple, list[float]] = {k: [] for k in turns}
-        for r in range(rounds):
-            for j in _rotated(len(turns), r):
-                m, t = turns[j]
-                s = sessions[(m, t)]
-                logits(s, batches[m][0])  # untimed: the previous session's threads stop busy-waiting
-                start = clock()
-                for x in batches[m]:
-                    logits(s, x)
-                per_round[(m, t)].append(1000 * (clock() - start) / len(batches[m]))
-        for m in range(len(models)):
-            med = {t: float(np.median(per_round[(m, t)])) for t in counts}
-            best = min(counts, key=lambda t: med[t])  # ties: the first count given
-            ms[m][str(b)], chosen[m][str(b)] = med[best], best
-            by_threads[m][str(b)] = {_thread_label(t): v for t, v in med.items()}
+    chosen: list[dict[str, str]] = [{} for _ in models]
+    by_layout: list[dict[str, dict[str, float]]] = [{} for _ in models]
+    try:
+        for b in batch_sizes:
+            layouts = layout_labels(counts, split, b)
+            feeds: dict[tuple, list] = {}
+            for f, tok in tokenizers.items():
+                whole = feed_batches(tok, texts, pairs, b, names, max_length)
+                for layout in layouts:
+                    feeds[(f, layout)] = split_feeds(tok, texts, pairs, b, split, names, max_length) if layout.endswith("x1") else whole
+            turns = [(m, layout) for m in range(len(models)) for layout in layouts]
+            for _ in range(warmup):
+                for m, layout in turns:
+                    for x in feeds[(folders[m], layout)]:
+                        run(m, layout, x)
+            per_round: dict[tuple, list[float]] = {k: [] for k in turns}
+            for r in range(rounds):
+                for j in _rotated(len(turns), r):
+                    m, layout = turns[j]
+                    batches = feeds[(folders[m], layout)]
+                    run(m, layout, batches[0])  # untimed: the previous session's threads stop busy-waiting
+                    start = clock()
+                    for x in batches:
+                        run(m, layout, x)
+                    per_round[(m, layout)].append(1000 * (clock() - start) / len(batches))
+            for m in range(len(models)):
+                med = {layout: float(np.median(per_round[(m, layout)])) for layout in layouts}
+                best = min(layouts, key=lambda k: med[k])  # ties: the first layout
+                ms[m][str(b)], chosen[m][str(b)], by_layout[m][str(b)] = med[best], best, med
+    finally:
+        if pool is not None:
+            pool.shutdown()
     rows = []
     for m, c in enumerate(models):
         path = Path(c.path)
@@ -201,7 +258,7 @@ def time_models(
                 "ms": ms[m],
                 "speedup": {k: ms[0][k] / v for k, v in ms[m].items()},
                 "threads": chosen[m],
-                "ms_by_threads": by_threads[m],
+                "ms_by_threads": by_layout[m],
             }
         )
     return rows
@@ -290,6 +347,7 @@ def time_run(
     sentences: int,
     threads: int | None | Sequence[int | None],
     rounds: int,
+    split: int | None = None,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     max_length: int | None = None,
 ) -> list[dict]:
@@ -303,6 +361,7 @@ def time_run(
         examples.texts[:n],
         examples.pairs[:n] if examples.pairs is not None else None,
         threads=threads,
+        split=split,
         batch_sizes=batch_sizes,
         rounds=rounds,
         max_length=max_length,
@@ -319,6 +378,7 @@ def bench_run(
     run_dir: str | Path,
     *,
     threads: int | None | Sequence[int | None] = None,
+    split: int | None = None,
     sentences: int = 256,
     rounds: int = 5,
     batch_sizes: Sequence[int] = BATCH_SIZES,
@@ -328,15 +388,16 @@ def bench_run(
 
     Sentences: the first ``sentences`` of the run's dev split (its ``recipe.yaml``); threads: one count or
     several (:func:`time_models`), default :func:`serving_threads` of the recipe's ``runtime.threads``
-    (else torch's thread count, as the export stage): one thread and that count, each graph at its
-    faster; the evaluation runs at the largest count. Metrics: the run's (``report.json``), or with
+    (else torch's thread count, as the export stage): one thread and that count, and batches split
+    between that many one-thread sessions (:func:`serving_split`; ``split`` sets it when ``threads`` is
+    given), each graph at its fastest; the evaluation runs at the largest count. Metrics: the run's (``report.json``), or with
     ``evaluate`` measured here on the whole dev split (:func:`prune_attattr.deploy.onnx_eval.evaluate_onnx`, one
     example per call): int8 results depend on the CPU's integer kernels (VNNI or not), so a deployment
     box's accuracy can differ from the run's. Reads files only; writes nothing.
 
     Returns:
         ``{"run", "metric", "metric_source", "cpu" (:func:`cpu_name`, printed in the table's caption),
-        "cpu_info" (:func:`cpu_info`), "threads", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
+        "cpu_info" (:func:`cpu_info`), "threads", "split", "sentences", "rounds", "batch_sizes", "rows"}``, rows as
         :func:`time_models` gives them, file paths relative to ``run_dir``; with ``evaluate`` each row's
         ``batch_differ`` is measured here (:func:`prune_attattr.deploy.onnx_eval.batch_differences`).
 
@@ -366,7 +427,8 @@ def bench_run(
     if threads is None:
         import torch
 
-        threads = serving_threads(recipe.runtime.threads or torch.get_num_threads())
+        resolved = recipe.runtime.threads or torch.get_num_threads()
+        threads, split = serving_threads(resolved), split or serving_split(resolved)
     counts = thread_counts(threads)
     most = max((t for t in counts if t is not None), default=None) if None not in counts else None
     source = "report.json"
@@ -381,7 +443,7 @@ def bench_run(
             c.metric = compute_metrics(metrics, torch.from_numpy(alone.argmax(-1)), torch.tensor(dev.labels))[metric]
             c.batch_differ = batch_differences(c.path, dev, threads=most, alone=alone)
         source = f"measured here on {len(dev)} dev examples"
-    rows = time_run(models, dev, run_dir, sentences=n, threads=counts, rounds=rounds, batch_sizes=batch_sizes)
+    rows = time_run(models, dev, run_dir, sentences=n, threads=counts, split=split, rounds=rounds, batch_sizes=batch_sizes)
     cpu = cpu_info()
     return {
         "run": str(run_dir),
@@ -390,6 +452,7 @@ def bench_run(
         "cpu": cpu_name(cpu),
         "cpu_info": cpu,
         "threads": list(counts),
+        "split": split,
         "sentences": n,
         "rounds": rounds,
         "batch_sizes": list(batch_sizes),

@@ -12,8 +12,9 @@ wrote ``<run>/onnx/model.onnx`` (pruned) and, for the comparison, ``<run>/unprun
    at a time (:func:`prune_attattr.deploy.onnx_eval.predict_onnx`; the unpruned float32 graph's metric is
    the baseline) and again at batch 16, counting the predictions that change
    (:func:`prune_attattr.deploy.onnx_eval.batch_differences`);
-2. every graph is timed at batch 1 and 16 on real dev sentences, side by side, with one thread and with
-   ``threads``, each at its faster (:func:`prune_attattr.deploy.bench.time_run`, :func:`prune_attattr.deploy.bench.serving_threads`);
+2. every graph is timed at batch 1 and 16 on real dev sentences, side by side, with one thread, with
+   ``threads``, and (batch 16) split between ``threads`` one-thread sessions, each at its fastest
+   (:func:`prune_attattr.deploy.bench.time_run`, :func:`prune_attattr.deploy.bench.serving_threads`, :func:`prune_attattr.deploy.bench.serving_split`);
 3. each folder ships the fastest graph at batch 1 that holds: the pruned one's metric at least
    ``baseline - max_drop``, and no prediction that depends on the batch (:func:`prune_attattr.deploy.quantize.choose_graph`;
    none holds: float32); the graph is renamed ``model.onnx`` (:func:`prune_attattr.deploy.quantize.ship`).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import cpu_info, cpu_name, folder_candidates, serving_threads, time_run
+from .bench import cpu_info, cpu_name, folder_candidates, serving_split, serving_threads, time_run
 from .onnx_eval import differing_predictions, load_folder_tokenizer, predict_onnx, tokenize
 from .quantize import build_graphs, ship
 from ..tasks import Examples
@@ -88,7 +89,8 @@ def deploy_run(
         max_length: truncation of the evaluation, calibration and timing inputs (None: the tokenizer's own limit).
         calibration, calibration_examples: training examples for static int8 and how many of them calibrate.
         threads: ONNX Runtime intra-op threads (``runtime.threads``; None = all cores) of the evaluation; the
-            timing tries one thread as well (:func:`prune_attattr.deploy.bench.serving_threads`).
+            timing tries one thread and split batches as well (:func:`prune_attattr.deploy.bench.serving_threads`,
+            :func:`prune_attattr.deploy.bench.serving_split`).
 
     Returns:
         ``{"metric", "baseline": {"value", "source"}, "floor", "pruned": deploy dict, "unpruned": deploy
@@ -150,8 +152,8 @@ def deploy_run(
     models = [c for which, folder, info in folders for c in folder_candidates(which, folder, info, metric)]
     n = min(bench_sentences, len(examples))
     run_dir = pruned_dir.parent
-    counts = serving_threads(threads)
-    rows = time_run(models, examples, run_dir, sentences=n, threads=counts, rounds=bench_rounds, max_length=max_length)
+    counts, split = serving_threads(threads), serving_split(threads)
+    rows = time_run(models, examples, run_dir, sentences=n, threads=counts, split=split, rounds=bench_rounds, max_length=max_length)
     loyal = None  # before shipping renames a graph: the batch-1 logits are kept under the staged names
     if unpruned is not None:
         reference = torch.from_numpy(logits_alone(Path(unpruned_onnx).parent / unpruned["files"]["float32"]))
@@ -175,6 +177,6 @@ def deploy_run(
         "loyalty": loyal,
         "cpu": cpu,
         "bench": {
-            "metric": metric, "cpu": cpu_name(cpu), "threads": list(counts), "sentences": n, "rounds": bench_rounds, "batch_sizes": [1, 16], "rows": rows,
+            "metric": metric, "cpu": cpu_name(cpu), "threads": list(counts), "split": split, "sentences": n, "rounds": bench_rounds, "batch_sizes": [1, 16], "rows": rows,
         },
     }

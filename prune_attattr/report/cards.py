@@ -287,18 +287,24 @@ def _example(report: dict) -> str:
 
 def _threads_hint(report: dict) -> list[str]:
     """Snippet lines that make ``options``: the intra-op thread count the deployed graph was timed fastest
-    with here, at batch 1 (``export.deployment.bench``; a comment names batch 16's where it differs), or
-    ONNX Runtime's default when the run timed one count only."""
+    with here, one sentence at a time (``export.deployment.bench``), and a comment for each batch size
+    where another layout was faster (more threads, or the batch split between one-thread sessions); or
+    ONNX Runtime's default when the run timed one layout only."""
     bench = ((report.get("export") or {}).get("deployment") or {}).get("bench") or {}
     deployed = next((r for r in bench.get("rows") or [] if r.get("deployed")), None)
-    chosen = (deployed or {}).get("threads") or {}
-    counts = bench.get("threads")
-    if not chosen or not isinstance(counts, list) or len(counts) < 2 or chosen.get("1") is None:
+    chosen = {b: str(t) for b, t in ((deployed or {}).get("threads") or {}).items()}
+    by = (deployed or {}).get("ms_by_threads") or {}
+    if not chosen.get("1", "").isdigit() or len(by.get("1") or {}) < 2:
         return ["options = ort.SessionOptions()"]
-    line = f"options.intra_op_num_threads = {chosen['1']}  # fastest one sentence at a time on the machine of the table above"
-    other = {b: t for b, t in chosen.items() if b != "1" and t != chosen["1"]}
-    extra = [f"# batches of {b}: {'all cores' if t is None else t} thread(s) were faster there" for b, t in other.items()]
-    return ["options = ort.SessionOptions()", line] + extra
+    lines = ["options = ort.SessionOptions()", f"options.intra_op_num_threads = {chosen['1']}  # fastest one sentence at a time on the machine of the table above"]
+    for b, label in chosen.items():
+        if b == "1" or label == chosen["1"]:
+            continue
+        if label.endswith("x1"):
+            lines.append(f"# batches of {b} ran fastest cut into {label[:-2]} parts, each on its own session with 1 thread, run at once (one per core)")
+        else:
+            lines.append(f"# batches of {b}: {'all cores' if label == 'all' else label} thread(s) were faster there")
+    return lines
 
 
 def _loading(report: dict, folder: str) -> list[str]:

@@ -87,8 +87,17 @@ def _ms(row: dict, b: str, several: bool = False) -> str:
     v = row["ms"].get(b)
     if v is None:
         return "-"
-    t = (row.get("threads") or {}).get(b, "?")
-    return f"{v:.2f} ({'all' if t is None else t}t)" if several else f"{v:.2f}"
+    return f"{v:.2f} ({_layout_short(str((row.get('threads') or {}).get(b, '?')))})" if several else f"{v:.2f}"
+
+
+def _layout_short(label: str) -> str:
+    return "all" if label in ("all", "None") else f"{label}t"
+
+
+def _layout_words(label: str) -> str:
+    if label.endswith("x1"):
+        return f"split between {label[:-2]} one-thread sessions"
+    return "all cores" if label in ("all", "None") else f"{label} thread" + ("s" if label != "1" else "")
 
 
 def _thread_counts(bench: dict) -> list:
@@ -128,9 +137,14 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
 
 def _deployment_caption(bench: dict) -> str:
     counts = ["all" if t is None else str(t) for t in _thread_counts(bench)]
-    threads = (
-        f"each graph at the faster of {' and '.join(counts)} intra-op thread(s) (in brackets)" if len(counts) > 1 else f"{counts[0]} thread(s)"
-    )
+    split = bench.get("split")
+    if len(counts) > 1 or split:
+        threads = f"each graph at the fastest of {' and '.join(counts)} intra-op thread(s)"
+        if split:
+            threads += f" and, in batches, the batch split between {split} one-thread sessions run at once ({split}x1t)"
+        threads += " (in brackets)"
+    else:
+        threads = f"{counts[0]} thread(s)"
     return (
         f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads}; median over {bench.get('rounds')} alternating "
         f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
@@ -139,27 +153,24 @@ def _deployment_caption(bench: dict) -> str:
 
 
 def _parallel_note(bench: dict) -> str | None:
-    """One line on what the extra threads bought at the largest batch size, when several counts were timed:
-    ``"batch 16, 2 threads against 1: unpruned float32 1.71x faster, the deployed graph 1.58x"``, with a
-    warning where the deployed graph gained under 1.2x (the host lent the extra cores little while timing,
-    so its figures are below what a quiet machine gives; docs/benchmarks.md, "Thread count"). None
-    when one count was timed or a row lacks the figures."""
-    counts = [t for t in _thread_counts(bench)]
-    if len(counts) < 2 or not bench.get("rows"):
+    """One line giving, for the first row's graph and the deployed one, the median ms of every layout
+    timed at each batch size (:func:`prune_attattr.deploy.bench.time_models`), e.g. ``"unpruned float32:
+    batch 1 1 thread 7.16, 2 threads 4.36 ms; ...; deployed: batch 1 1 thread 0.84, 2 threads 1.25 ms; batch
+    16 2 threads 19.42, split between 2 one-thread sessions 9.96 ms"``: what each way of using the cores
+    gave (on shared hosts intra-op threads can stop helping small graphs; docs/benchmarks.md, "Thread count").
+    None when one layout was timed per batch size or rows lack the figures."""
+    rows = bench.get("rows") or []
+    deployed = next((r for r in rows if r.get("deployed")), None)
+    if not rows or deployed is None:
         return None
-    b = str(max(bench.get("batch_sizes", [1, 16])))
-    lo, hi = ("all" if t is None else str(t) for t in (counts[0], counts[-1]))
-    ref, dep = bench["rows"][0], next((r for r in bench["rows"] if r.get("deployed")), None)
-    gains = []
-    for r in (ref, dep):
-        by = (r or {}).get("ms_by_threads", {}).get(b, {})
-        if lo not in by or hi not in by:
+    parts = []
+    for r in (rows[0], deployed):
+        by = r.get("ms_by_threads") or {}
+        if not by or all(len(v) < 2 for v in by.values()):
             return None
-        gains.append(by[lo] / by[hi])
-    line = f"batch {b}, {hi} threads against {lo}: {ref['label']} {gains[0]:.2f}x faster, the deployed graph {gains[1]:.2f}x"
-    if gains[1] < 1.2:
-        line += " (under 1.2x: the extra cores gave the deployed graph little while it was timed, as on a busy shared host; re-time later)"
-    return line
+        sizes = "; ".join(f"batch {b} " + ", ".join(f"{_layout_words(k)} {v:.2f}" for k, v in layouts.items()) + " ms" for b, layouts in by.items())
+        parts.append(f"{'deployed' if r is deployed else r['label']}: {sizes}")
+    return "; ".join(parts)
 
 
 _FIXED_SETTINGS = {
