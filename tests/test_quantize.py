@@ -496,7 +496,7 @@ def test_time_models_alternates_models_and_reports_medians(tmp_path):
 
 
 def test_time_models_reports_each_model_at_its_faster_thread_count(tmp_path):
-    from prune_attattr.report.common import _deployment_caption, _deployment_cells, _parallel_note
+    from prune_attattr.report.common import _deployment_caption, _deployment_cells, _layouts_note
 
     texts = _sentences(4, seed=2).texts
     clock, log = _Clock(), []
@@ -522,7 +522,7 @@ def test_time_models_reports_each_model_at_its_faster_thread_count(tmp_path):
     head, cells = _deployment_cells(bench)
     assert cells[0][head.index("ms, batch 1")] == "25.00 (2t)" and cells[1][head.index("ms, batch 2")] == "4.00 (1t)"
     assert "fastest of 1 and 2 intra-op thread(s) (in brackets)" in _deployment_caption(bench)
-    note = _parallel_note(bench)
+    note = _layouts_note(bench)
     assert note.startswith("big: batch 1 1 thread 40.00, 2 threads 25.00 ms;") and "deployed: batch 1 1 thread 4.00, 2 threads 6.00 ms" in note
     with pytest.raises(ValueError, match="at least 1"):
         time_models(models, texts, tokenizer=tiny_tokenizer("bert"), threads=[0, 2], session_factory=factory)

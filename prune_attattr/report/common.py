@@ -152,7 +152,7 @@ def _deployment_caption(bench: dict) -> str:
     )
 
 
-def _parallel_note(bench: dict) -> str | None:
+def _layouts_note(bench: dict) -> str | None:
     """One line giving, for the first row's graph and the deployed one, the median ms of every layout
     timed at each batch size (:func:`prune_attattr.deploy.bench.time_models`), e.g. ``"unpruned float32:
     batch 1 1 thread 7.16, 2 threads 4.36 ms; ...; deployed: batch 1 1 thread 0.84, 2 threads 1.25 ms; batch
