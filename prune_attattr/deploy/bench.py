@@ -10,9 +10,10 @@ figure the median over rounds. Each turn starts with one untimed call: ONNX Runt
 busy-wait for a while after a call, and the previous model's would otherwise slow the first calls
 down. (Alternating call by call would pay that on every call: measured on 2 cores, it doubled the
 batch-1 latency of MiniLM; turning the busy-waiting off instead slowed batch 16 2.3x.) Given several
-thread counts, each model has one session per count, all of them take turns, and each model and batch
-size is reported at its faster count (:func:`serving_threads`: deployment tables time one thread and
-the run's count, because a small graph can be faster and steadier on one core).
+thread counts (and a ``split``), each model has one session per layout, all of them take turns, and each
+model and batch size is reported at its fastest layout (:func:`serving_threads`, :func:`serving_split`:
+deployment tables time one thread, the run's count, and batches split between one-thread sessions,
+because a small graph can be faster and steadier on one core).
 
 :func:`bench_run` (``prune-attattr bench exported/<run>``) re-times a finished run on the current
 machine. A run folder's layout::
@@ -105,8 +106,8 @@ def serving_threads(threads: int | None) -> tuple[int | None, ...]:
     Why one thread as well: a small graph splits each operator in two on 2 cores, and where the host lends
     the second core unevenly (shared virtual machines) every split waits for the slower half. Measured on
     a 2-core AMD EPYC VM (docs/benchmarks.md, "Thread count"): the main job's static int8 graph at batch 1
-    took 0.74-0.91 ms with 2 threads in quiet minutes and 1.5-1.6 ms in slow ones, against 0.85-0.97 ms
-    with 1 thread in both; the unpruned float32 graph is always faster with 2.
+    took 0.72 ms (median) with 2 threads and 1.35 ms in the host's slow rounds, against 0.81 / 0.82 ms
+    with 1 thread; the unpruned float32 graph is always faster with 2.
     """
     return thread_counts((1, threads))
 
@@ -116,7 +117,7 @@ def serving_split(threads: int | None) -> int | None:
     ``threads`` one-thread sessions taking a batch's parts at once (None for one thread or all cores).
 
     Why: on the same VM, in the rounds where the int8 graph with 2 intra-op threads fell to its one-thread
-    speed at batch 16 (18.8 ms), two one-thread sessions on the batch's halves kept 10.0 ms; the float32
+    speed at batch 16 (18.75 ms), two one-thread sessions on the batch's halves kept 10.08 ms; the float32
     graph ran the same either way (docs/benchmarks.md, "Thread count")."""
     return threads if threads is not None and threads > 1 else None
 
@@ -139,10 +140,8 @@ def split_feeds(tokenizer, texts, pairs, batch_size: int, split: int, names, max
     ``ceil(len / split)`` sentences, each tokenised and padded on its own (:func:`feed_batches`)."""
     out = []
     for i in range(0, len(texts), batch_size):
-        chunk = list(range(i, min(i + batch_size, len(texts))))
-        size = -(-len(chunk) // split)
-        cut = [chunk[k : k + size] for k in range(0, len(chunk), size)]
-        out.append([feed_batches(tokenizer, [texts[j] for j in c], [pairs[j] for j in c] if pairs is not None else None, len(c), names, max_length)[0] for c in cut])
+        chunk = texts[i : i + batch_size]
+        out.append(feed_batches(tokenizer, chunk, pairs[i : i + batch_size] if pairs is not None else None, -(-len(chunk) // split), names, max_length))
     return out
 
 
@@ -197,7 +196,7 @@ def time_models(
     factory = session_factory or session
     folders = [Path(m.path).parent for m in models]
     tokenizers = {f: tokenizer if tokenizer is not None else load_folder_tokenizer(f) for f in dict.fromkeys(folders)}
-    sessions = {(m, t): factory(models[m].path, t) for m in range(len(models)) for t in counts}
+    sessions = {(m, _thread_label(t)): factory(models[m].path, t) for m in range(len(models)) for t in counts}
     parts = {m: [factory(models[m].path, 1) for _ in range(split)] for m in range(len(models))} if split else {}
     names = list(dict.fromkeys(i.name for s in sessions.values() for i in s.get_inputs()))
     pool = ThreadPoolExecutor(max_workers=split) if split else None
@@ -207,9 +206,8 @@ def time_models(
             for f in [pool.submit(logits, s, part) for s, part in zip(parts[m], x)]:
                 f.result()
         else:
-            logits(sessions[(m, by_label[layout])], x)
+            logits(sessions[(m, layout)], x)
 
-    by_label = {_thread_label(t): t for t in counts}
     ms: list[dict[str, float]] = [{} for _ in models]
     chosen: list[dict[str, str]] = [{} for _ in models]
     by_layout: list[dict[str, dict[str, float]]] = [{} for _ in models]
@@ -219,7 +217,7 @@ def time_models(
             feeds: dict[tuple, list] = {}
             for f, tok in tokenizers.items():
                 whole = feed_batches(tok, texts, pairs, b, names, max_length)
-                for layout in layouts:
+                for layout in layouts:  # every intra-op layout shares the whole batches
                     feeds[(f, layout)] = split_feeds(tok, texts, pairs, b, split, names, max_length) if layout.endswith("x1") else whole
             turns = [(m, layout) for m in range(len(models)) for layout in layouts]
             for _ in range(warmup):

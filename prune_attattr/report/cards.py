@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import _deployment_caption, _deployment_cells, _layouts_note, method_settings, report_warnings
+from .common import _deployment_caption, _deployment_cells, method_settings, report_warnings
 
 __all__ = ["EMBEDDED_BASE_MODEL", "GLUE_DATASET", "card_metadata", "render_card", "write_cards"]
 
@@ -217,8 +217,7 @@ def _speed(report: dict, folder: str) -> list[str]:
             + (" This folder's PyTorch checkpoint is not timed; its ONNX export is the `pruned float32` row." if folder == "model" else "")
         )
         lines.append("")
-    note = _layouts_note(bench)
-    lines += [_machine(d), "", _deployment_caption(bench) + "." + (f" Threads: {note}." if note else ""), ""]
+    lines += [_machine(d), "", _deployment_caption(bench) + ".", ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("| --- | --- | " + " | ".join("---:" for _ in head[2:]) + " |")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]

@@ -91,18 +91,23 @@ def _ms(row: dict, b: str, several: bool = False) -> str:
 
 
 def _layout_short(label: str) -> str:
-    return "all" if label in ("all", "None") else f"{label}t"
+    return "all" if label == "all" else f"{label}t"
 
 
 def _layout_words(label: str) -> str:
     if label.endswith("x1"):
         return f"split between {label[:-2]} one-thread sessions"
-    return "all cores" if label in ("all", "None") else f"{label} thread" + ("s" if label != "1" else "")
+    return "all cores" if label == "all" else f"{label} thread" + ("s" if label != "1" else "")
 
 
 def _thread_counts(bench: dict) -> list:
     t = bench.get("threads")
     return list(t) if isinstance(t, (list, tuple)) else [t]
+
+
+def _several_layouts(bench: dict) -> bool:
+    """Whether a timing chose between layouts (several thread counts, or a split): its cells then name theirs."""
+    return len(_thread_counts(bench)) > 1 or bool(bench.get("split"))
 
 
 def _times(row: dict, key: str, b: str | None = None) -> str:
@@ -121,7 +126,7 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
     differ = any(r.get("batch_differ") is not None for r in bench["rows"])
     if differ:  # issue 21: dev predictions that change between batch 1 and batch 16
         head.append("differ, batch 1 vs 16")
-    several = len(_thread_counts(bench)) > 1
+    several = _several_layouts(bench)
     cells = []
     for r in bench["rows"]:
         row = [r["label"] + (" (deployed)" if r.get("deployed") else ""), r["file"], _pct(r.get("metric"))]
@@ -138,17 +143,19 @@ def _deployment_cells(bench: dict) -> tuple[list[str], list[list[str]]]:
 def _deployment_caption(bench: dict) -> str:
     counts = ["all" if t is None else str(t) for t in _thread_counts(bench)]
     split = bench.get("split")
-    if len(counts) > 1 or split:
+    if _several_layouts(bench):
         threads = f"each graph at the fastest of {' and '.join(counts)} intra-op thread(s)"
         if split:
             threads += f" and, in batches, the batch split between {split} one-thread sessions run at once ({split}x1t)"
         threads += " (in brackets)"
     else:
         threads = f"{counts[0]} thread(s)"
+    note = _layouts_note(bench)
     return (
         f"ONNX Runtime on {bench.get('cpu', 'this CPU')}, {threads}; median over {bench.get('rounds')} alternating "
         f"rounds of the mean ms per call on {bench.get('sentences')} dev sentences; speed-up and size against the first row"
         + (f"; metric from {bench['metric_source']}" if bench.get("metric_source") else "")
+        + (f"; threads: {note}" if note else "")
     )
 
 

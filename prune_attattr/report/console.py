@@ -6,7 +6,7 @@ content as ``report.json``), so a notebook can re-render a saved run.
 
 from __future__ import annotations
 
-from .common import MARKERS, _axis_label, _deployment_caption, _deployment_cells, _grid, _layouts_note, _loyalty, _mflops, _pct, _row_label, by_flops, chance_warning, report_warnings
+from .common import MARKERS, _axis_label, _deployment_caption, _deployment_cells, _grid, _loyalty, _mflops, _pct, _row_label, by_flops, chance_warning, report_warnings
 
 __all__ = ["curves_table", "terminal_chart", "print_chance_warning", "print_report", "recovery_table", "deployment_table"]
 
@@ -152,8 +152,7 @@ def deployment_table(bench: dict):
     from rich.table import Table
 
     head, cells = _deployment_cells(bench)
-    note = _layouts_note(bench)
-    table = Table(title="deployment: speed and size against the first row", caption=_deployment_caption(bench) + (f"; threads: {note}" if note else ""))
+    table = Table(title="deployment: speed and size against the first row", caption=_deployment_caption(bench))
     for i, col in enumerate(head):
         table.add_column(col, justify="left" if i < 2 else "right")
     for row in cells:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from .analyses import analyses_markdown
-from .common import _axis_label, _deployment_caption, _deployment_cells, _grid, _layouts_note, _loyalty, _mflops, _pct, _row_label, _settings_lines, by_flops, method_settings, report_warnings
+from .common import _axis_label, _deployment_caption, _deployment_cells, _grid, _loyalty, _mflops, _pct, _row_label, _settings_lines, by_flops, method_settings, report_warnings
 
 __all__ = ["write_json", "write_markdown", "recovery_markdown", "deployment_markdown"]
 
@@ -213,8 +213,7 @@ def deployment_markdown(deployment: dict) -> list[str]:
     if pruned.get("note"):
         lines.append(f"- **{pruned['note']}**")
     head, cells = _deployment_cells(bench)
-    note = _layouts_note(bench)
-    lines += ["", _deployment_caption(bench) + "." + (f" Threads: {note}." if note else ""), ""]
+    lines += ["", _deployment_caption(bench) + ".", ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("| --- | --- | " + " | ".join("---:" for _ in head[2:]) + " |")
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
