@@ -539,6 +539,19 @@ def test_time_models_reports_each_model_at_its_faster_thread_count(tmp_path):
         time_models(models, texts, tokenizer=tiny_tokenizer("bert"), split=1, session_factory=factory)
 
 
+def test_split_feeds_cut_each_batch_into_consecutive_parts_with_their_pairs():
+    from prune_attattr.deploy.bench import feed_batches, split_feeds
+
+    tok = tiny_tokenizer("bert")
+    texts, pairs = [f"{w} {w}" for w in WORDS[:7]], list(WORDS[7:14])
+    names = list(tok.model_input_names)
+    parts = split_feeds(tok, texts, pairs, 4, 2, names, None)
+    assert [[p["input_ids"].shape[0] for p in b] for b in parts] == [[2, 2], [2, 1]]
+    alone = feed_batches(tok, texts, pairs, 1, names, None)  # each sentence pair tokenised by itself
+    got = [row[mask.astype(bool)].tolist() for b in parts for p in b for row, mask in zip(p["input_ids"], p["attention_mask"])]
+    assert got == [x["input_ids"][0].tolist() for x in alone]
+
+
 def test_bench_cli_threads_list_is_parsed_and_checked(tiny_run, tmp_path, capsys):
     run, _, _ = tiny_run
     out_json = tmp_path / "bench.json"
